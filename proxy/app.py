@@ -1,0 +1,118 @@
+"""The Starlette application: routes, error mapping and the lifespan that owns the clients."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy.config import Config
+from proxy.endpoints import CompletionEndpoint
+from proxy.errors import MethodNotAllowed, NotFound, VgateError, error_response
+from proxy.runtime import Runtime
+from proxy.upstream import make_client
+
+
+class RuntimeHolder:
+    """The current Runtime; swapped whole on reload so a request sees one consistent config."""
+
+    def __init__(self) -> None:
+        self._runtime: Runtime | None = None
+
+    def __call__(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("the application has not started")
+        return self._runtime
+
+    def set(self, runtime: Runtime | None) -> None:
+        self._runtime = runtime
+
+
+def _json(data: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+
+
+def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    """Build the app; `transport` lets tests put a respx router or a fake under the client."""
+    holder = RuntimeHolder()
+    started = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = make_client(config.upstream, transport)
+        runtime = Runtime(config, client)
+        await runtime.start()
+        holder.set(runtime)
+        try:
+            yield
+        finally:
+            await holder().stop()
+            holder.set(None)
+            await client.aclose()
+
+    async def models(request: Request) -> Response:
+        rt = holder()
+        data = []
+        for name, route in rt.routes.items():
+            entry: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": started,
+                "owned_by": "vgate",
+            }
+            lengths = [u.monitor.max_model_len for u in route.upstreams if u.monitor.max_model_len]
+            if lengths:
+                entry["max_model_len"] = min(lengths)
+            data.append(entry)
+        return _json({"object": "list", "data": data})
+
+    async def health(request: Request) -> Response:
+        return _json({"status": "ok"})
+
+    async def ready(request: Request) -> Response:
+        problems = holder().readiness()
+        if problems:
+            return _json({"status": "not ready", "models": problems}, 503)
+        return _json({"status": "ready"})
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        if exc.status_code == 405:
+            return error_response(
+                MethodNotAllowed(
+                    f"Method {request.method} is not allowed on {request.url.path}.",
+                    headers=exc.headers,
+                )
+            )
+        return error_response(NotFound(f"Unknown path: {request.method} {request.url.path}."))
+
+    async def vgate_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, VgateError)
+        return error_response(exc)
+
+    routes = [
+        Route(
+            "/v1/chat/completions", CompletionEndpoint("chat/completions", holder), methods=["POST"]
+        ),
+        Route("/v1/completions", CompletionEndpoint("completions", holder), methods=["POST"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", ready, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={HTTPException: http_error, VgateError: vgate_error},
+    )
+    app.router.redirect_slashes = False
+    app.state.runtime = holder
+    return app

@@ -1,0 +1,163 @@
+"""The completion endpoints as raw ASGI apps: the hot path, kept free of per-request objects."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Callable
+
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from proxy.body import ClientGone, check_completion_request, parse_json_object, read_body
+from proxy.errors import (
+    UpstreamTimeout,
+    VgateError,
+    error_body,
+    sse_error_event,
+)
+from proxy.guard import Guard
+from proxy.pipeline import ProxyRequest, ProxyResponse
+from proxy.runtime import Runtime
+
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_SSE_HEADERS = [
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+
+def request_id(headers: Headers) -> str:
+    """A valid incoming X-Request-ID is kept (for tracing across hops); otherwise a new one."""
+    incoming = headers.get("x-request-id")
+    if incoming and _REQUEST_ID.fullmatch(incoming):
+        return incoming
+    return secrets.token_hex(12)
+
+
+class CompletionEndpoint:
+    """POST /v1/chat/completions and /v1/completions."""
+
+    def __init__(self, route: str, runtime: Callable[[], Runtime]) -> None:
+        self.route = route
+        self.runtime = runtime
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        rt = self.runtime()
+        server = rt.config.server
+        headers = Headers(scope=scope)
+        rid = request_id(headers)
+        try:
+            body = await read_body(receive, headers, server.max_body_bytes)
+            data = parse_json_object(body)
+            model, stream = check_completion_request(
+                self.route, data, max_n=server.max_n, max_messages=server.max_messages
+            )
+            pipeline = rt.pipelines.get(model, rt.unknown_model)
+        except ClientGone:
+            return
+        except VgateError as exc:
+            await _send_error(send, exc, rid, {})
+            return
+        request = ProxyRequest(self.route, model, data, headers, rid, stream)
+        upstream = rt.config.upstream
+        guard = Guard(receive, upstream.first_byte_timeout, upstream.stream_idle_timeout)
+        started = False
+        try:
+            response = await pipeline(request)
+            if response.stream is None:
+                guard.close()
+                await _send_whole(send, request, response)
+            else:
+                started = True
+                await _send_stream(send, request, response, guard)
+        except asyncio.CancelledError:
+            reason = guard.absorb()
+            if reason is None:
+                raise
+            if reason != "disconnect":
+                timeout = UpstreamTimeout(
+                    "The upstream sent nothing within the first-byte timeout."
+                    if reason == "first_byte_timeout"
+                    else "The upstream stream went silent beyond the idle timeout."
+                )
+                await _fail(send, timeout, request, started)
+        except VgateError as exc:
+            await _fail(send, exc, request, started)
+        finally:
+            guard.close()
+
+
+async def _fail(send: Send, exc: VgateError, request: ProxyRequest, started: bool) -> None:
+    if started:
+        # Headers are gone: end with an error event and no [DONE], never a clean-looking end.
+        await send({"type": "http.response.body", "body": sse_error_event(exc), "more_body": False})
+    else:
+        await _send_error(send, exc, request.request_id, request.response_headers)
+
+
+async def _send_error(send: Send, exc: VgateError, rid: str, extra: dict[str, str]) -> None:
+    await _send_whole(
+        send,
+        None,
+        ProxyResponse(exc.status, "application/json", error_body(exc), headers=exc.headers),
+        rid=rid,
+        extra=extra,
+    )
+
+
+def _raw_headers(
+    response: ProxyResponse, rid: str, extra: dict[str, str], served_by: str | None
+) -> list[tuple[bytes, bytes]]:
+    raw = [
+        (b"content-type", response.content_type.encode("latin-1")),
+        (b"x-request-id", rid.encode("latin-1")),
+    ]
+    if served_by:
+        raw.append((b"x-vgate-upstream", served_by.encode("latin-1")))
+    for source in (extra, response.headers):
+        raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in source.items())
+    return raw
+
+
+async def _send_whole(
+    send: Send,
+    request: ProxyRequest | None,
+    response: ProxyResponse,
+    rid: str = "",
+    extra: dict[str, str] | None = None,
+) -> None:
+    if request is not None:
+        rid, extra, served_by = request.request_id, request.response_headers, request.served_by
+    else:
+        served_by = None
+    headers = _raw_headers(response, rid, extra or {}, served_by)
+    headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+async def _send_stream(
+    send: Send, request: ProxyRequest, response: ProxyResponse, guard: Guard
+) -> None:
+    assert response.stream is not None
+    headers = _raw_headers(
+        response, request.request_id, request.response_headers, request.served_by
+    )
+    headers.extend(_SSE_HEADERS)
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    stream = response.stream
+    try:
+        async for chunk in stream:
+            if guard.started:
+                guard.touch()
+            else:
+                guard.arm_idle()
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    finally:
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
+    guard.close()
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
