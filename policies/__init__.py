@@ -1,16 +1,168 @@
-"""Request policies: a plain name -> factory registry, built per model from config."""
+"""Request policies: a plain name -> class registry, validated and built per model from config.
+
+Config shape (see docs): `[policies] order = [...]` is the global pipeline, every model's
+`models.NAME.policies` is appended after it; `[policies.NAME]` holds a policy's settings, bound
+to its `settings_class`; `[policies.NAME.models.MODEL]` overrides some of them for one model.
+
+Adding a policy: write a module with a class following `PolicyClass`, add one line to REGISTRY.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import contextlib
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from policies.auth import AuthPolicy
+from policies.ratelimit import RateLimitPolicy
+from policies.truncate import TruncatePolicy
+from proxy.settings import Binder, ConfigError
 
 if TYPE_CHECKING:
+    from starlette.datastructures import Headers
+
     from proxy.config import Config
-    from proxy.pipeline import Policy
+    from proxy.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse
     from proxy.runtime import Services
+
+
+class PolicyClass(Protocol):
+    """What the registry holds: a policy class with a typed settings dataclass."""
+
+    settings_class: ClassVar[type[Any]]
+    # Settings that `[policies.NAME.models.MODEL]` may override; None: all of them.
+    model_overrides: ClassVar[frozenset[str] | None]
+
+    def __init__(self, settings: Any, model: str | None, services: Services) -> None: ...
+
+    @classmethod
+    def problems(cls, settings: Any, config: Config) -> list[str]:
+        """Checks across the config (`key: what is wrong`, keys relative to the table)."""
+        ...
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse: ...
+
+
+REGISTRY: dict[str, type[PolicyClass]] = {
+    "auth": AuthPolicy,
+    "ratelimit": RateLimitPolicy,
+    "truncate": TruncatePolicy,
+}
+
+
+def _names(config: Config, model: str | None) -> list[str]:
+    names: list[str] = list(config.policies.get("order", []))
+    if model is not None:
+        names += config.models[model].policies
+    return names
+
+
+def settings_for(config: Config, name: str, model: str | None, binder: Binder) -> Any:
+    """The bound settings of policy `name` for `model` (its overrides merged), or None."""
+    table = config.policies.get(name, {})
+    data = {k: v for k, v in table.items() if k != "models"}
+    key = f"policies.{name}"
+    if model is not None and model in table.get("models", {}):
+        data.update(table["models"][model])
+        key = f"policies.{name}.models.{model}"
+    return binder.bind(REGISTRY[name].settings_class, data, key)
 
 
 def build_policies(config: Config, model: str | None, services: Services) -> list[Policy]:
     """The model's pipeline, in the declared order (global policies first; only those when
-    `model` is None)."""
-    return []
+    `model` is None). The config has been validated by `validate`."""
+    policies: list[Policy] = []
+    for name in _names(config, model):
+        binder = Binder()
+        settings = settings_for(config, name, model, binder)
+        if settings is None:
+            raise ConfigError(config.source, binder.problems)
+        policies.append(REGISTRY[name](settings, model, services))
+    return policies
+
+
+def authenticator(policies: list[Policy]) -> Callable[[Headers], KeyInfo] | None:
+    """The auth check of a pipeline, for endpoints outside it (`GET /v1/models`)."""
+    for policy in policies:
+        if isinstance(policy, AuthPolicy):
+            return policy.authenticate
+    return None
+
+
+async def close(services: Services) -> None:
+    """Release what policies shared through `services.shared` (rate-limit storages)."""
+    for resource in services.shared.values():
+        aclose = getattr(resource, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):  # shutting down: nothing left to tell
+                await aclose()
+    services.shared.clear()
+
+
+def validate(config: Config) -> list[str]:
+    """Every problem of the `[policies]` tables and `models.*.policies` lists."""
+    binder = Binder()
+    raw = config.policies
+    known = ", ".join(REGISTRY)
+    order = raw.get("order", [])
+    if not isinstance(order, list) or not all(isinstance(n, str) for n in order):
+        binder.problem("policies.order", "must be a list of policy names")
+        order = []
+    for name in raw:
+        if name != "order" and name not in REGISTRY:
+            binder.problem(f"policies.{name}", f"unknown policy (known: {known})")
+    _check_names(binder, "policies.order", order, set(), known)
+    for model, mc in config.models.items():
+        _check_names(binder, f"models.{model}.policies", mc.policies, set(order), known)
+    used = set(order).union(*(mc.policies for mc in config.models.values()))
+    for name, cls in REGISTRY.items():
+        if name in raw or name in used:
+            _check_table(binder, config, name, cls)
+    return binder.problems
+
+
+def _check_names(binder: Binder, key: str, names: list[str], outer: set[str], known: str) -> None:
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if name not in REGISTRY:
+            binder.problem(f"{key}[{i}]", f"unknown policy {name!r} (known: {known})")
+        elif name in seen:
+            binder.problem(f"{key}[{i}]", f"{name!r} is listed twice")
+        elif name in outer:
+            binder.problem(f"{key}[{i}]", f"{name!r} already runs for every model")
+        seen.add(name)
+
+
+def _check_table(binder: Binder, config: Config, name: str, cls: type[PolicyClass]) -> None:
+    key = f"policies.{name}"
+    table = config.policies.get(name, {})
+    if not isinstance(table, dict):
+        binder.problem(key, "must be a table")
+        return
+    overrides = table.get("models", {})
+    if not isinstance(overrides, dict) or not all(isinstance(v, dict) for v in overrides.values()):
+        binder.problem(f"{key}.models", "must be a table of per-model tables")
+        return
+    before = len(binder.problems)
+    settings = settings_for(config, name, None, binder)
+    if settings is None:
+        return
+    for problem in cls.problems(settings, config):
+        binder.problems.append(f"{key}.{problem}")
+    if len(binder.problems) > before:
+        return
+    for model, table_over in overrides.items():
+        mkey = f"{key}.models.{model}"
+        if model not in config.models:
+            binder.problem(mkey, f"model {model!r} is not configured")
+            continue
+        allowed = cls.model_overrides
+        bad = [k for k in table_over if allowed is not None and k not in allowed]
+        for k in bad:
+            binder.problem(
+                f"{mkey}.{k}",
+                f"cannot be set per model (per-model keys: {', '.join(sorted(allowed or ()))})",
+            )
+        if not bad and (settings := settings_for(config, name, model, binder)) is not None:
+            for problem in cls.problems(settings, config):
+                binder.problems.append(f"{mkey}.{problem}")

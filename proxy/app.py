@@ -11,15 +11,19 @@ import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from proxy.admin import AdminServer
 from proxy.config import Config
-from proxy.endpoints import CompletionEndpoint
+from proxy.endpoints import CompletionEndpoint, HotPaths
 from proxy.errors import MethodNotAllowed, NotFound, VgateError, error_response
+from proxy.metrics import ProxyMetrics
+from proxy.observe import Observer
 from proxy.runtime import Runtime
-from proxy.upstream import make_client
+from proxy.upstream import make_client, make_control_client
 
 
 class RuntimeHolder:
@@ -36,6 +40,10 @@ class RuntimeHolder:
     def set(self, runtime: Runtime | None) -> None:
         self._runtime = runtime
 
+    def peek(self) -> Runtime | None:
+        """The current Runtime, or None outside the app's lifetime (for metrics scrapes)."""
+        return self._runtime
+
 
 def _json(data: Any, status: int = 200) -> Response:
     return Response(orjson.dumps(data), status_code=status, media_type="application/json")
@@ -44,19 +52,33 @@ def _json(data: Any, status: int = 200) -> Response:
 def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
     """Build the app; `transport` lets tests put a respx router or a fake under the client."""
     holder = RuntimeHolder()
+    # Metrics belong to the app, not the Runtime: counters survive a config reload.
+    metrics = ProxyMetrics(holder.peek)
+    observer = Observer(metrics, config.logging.requests)
+    admin = (
+        AdminServer(config.admin.host, config.admin.port, metrics.registry.render)
+        if config.admin.enabled
+        else None
+    )
     started = int(time.time())
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = make_client(config.upstream, transport)
-        runtime = Runtime(config, client)
+        client = make_control_client(config.upstream, transport)
+        upstream_client = make_client(config.upstream, transport)
+        runtime = Runtime(config, client, upstream_client)
         await runtime.start()
         holder.set(runtime)
+        if admin is not None:
+            await admin.start()
         try:
             yield
         finally:
+            if admin is not None:
+                await admin.stop()
             await holder().stop()
             holder.set(None)
+            await upstream_client.aclose()
             await client.aclose()
 
     async def models(request: Request) -> Response:
@@ -99,20 +121,24 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         assert isinstance(exc, VgateError)
         return error_response(exc)
 
+    completions = {
+        "/v1/chat/completions": CompletionEndpoint("chat/completions", holder, observer),
+        "/v1/completions": CompletionEndpoint("completions", holder, observer),
+    }
     routes = [
-        Route(
-            "/v1/chat/completions", CompletionEndpoint("chat/completions", holder), methods=["POST"]
-        ),
-        Route("/v1/completions", CompletionEndpoint("completions", holder), methods=["POST"]),
+        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in completions.items()),
         Route("/v1/models", models, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", ready, methods=["GET"]),
     ]
     app = Starlette(
         routes=routes,
+        middleware=[Middleware(HotPaths, endpoints=completions)],
         lifespan=lifespan,
         exception_handlers={HTTPException: http_error, VgateError: vgate_error},
     )
     app.router.redirect_slashes = False
     app.state.runtime = holder
+    app.state.metrics = metrics
+    app.state.admin = admin
     return app

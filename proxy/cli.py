@@ -13,7 +13,7 @@ from proxy.settings import ConfigError
 def _serve(args: argparse.Namespace) -> int:
     from proxy.server import serve
 
-    serve(config_module.load(args.config))
+    serve(config_module.load(args.config), args.config)
     return 0
 
 
@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
     from engine.cli import register as register_engine
 
     register_engine(sub)
+    from proxy.systemd_cli import register as register_systemd
+
+    register_systemd(sub)
     return p
 
 

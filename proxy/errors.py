@@ -16,6 +16,7 @@
         ├── UpstreamUnreachable     502 code=upstream_unreachable
         ├── UpstreamTimeout         504 code=upstream_timeout
         ├── UpstreamServerError     502 code=upstream_server_error (5xx body replaced)
+        ├── CircuitOpen             503 code=upstream_circuit_open (+ Retry-After; not tried)
         └── UpstreamStreamBroken    502 code=upstream_stream_broken (after the first byte)
 
 Every error a client can see is one of these; `error_body` and `error_response` turn them into
@@ -121,6 +122,14 @@ class Overloaded(VgateError):
     code = "overloaded"
 
 
+class ShuttingDown(VgateError):
+    """The drain timeout ended while the request was still running (SIGTERM)."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
+
+
 class UpstreamError(VgateError):
     status = 502
     type = "upstream_error"
@@ -138,6 +147,13 @@ class UpstreamTimeout(UpstreamError):
 
 class UpstreamServerError(UpstreamError):
     code = "upstream_server_error"
+
+
+class CircuitOpen(UpstreamError):
+    """Every upstream that could serve is behind an open circuit breaker: none was tried."""
+
+    status = 503
+    code = "upstream_circuit_open"
 
 
 class UpstreamStreamBroken(UpstreamError):

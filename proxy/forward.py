@@ -5,14 +5,13 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-import httpx
 import orjson
 
 from engine.monitor import EngineMonitor
-from proxy.errors import UpstreamServerError
+from proxy.errors import InvalidRequest, UpstreamServerError
 from proxy.pipeline import ProxyRequest, ProxyResponse
 from proxy.sse import UsageTap, usage_of
-from proxy.upstream import upstream_errors
+from proxy.upstream import UpstreamClient, UpstreamResponse, upstream_errors
 
 
 @dataclass(eq=False)
@@ -46,7 +45,7 @@ class Forwarder:
     """Terminal handler: the request leaves the proxy here, for a configured upstream only."""
 
     def __init__(
-        self, client: httpx.AsyncClient, routes: dict[str, ModelRoute], api_key: str | None
+        self, client: UpstreamClient, routes: dict[str, ModelRoute], api_key: str | None
     ) -> None:
         self._client = client
         self._routes = routes
@@ -84,9 +83,12 @@ class Forwarder:
         if self._auth:
             headers["authorization"] = self._auth
         url = f"{upstream.base_url}/v1/{request.route}"
-        outbound = self._client.build_request(
-            "POST", url, content=orjson.dumps(body), headers=headers
-        )
+        try:
+            content = orjson.dumps(body)
+        except TypeError:
+            # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
+            raise InvalidRequest("Request body is nested too deeply.") from None
+        outbound = self._client.build_request("POST", url, content=content, headers=headers)
         with upstream_errors(upstream.label):
             response = await self._client.send(outbound, stream=True)
         ok = response.status_code < 400
@@ -117,7 +119,7 @@ class Forwarder:
         )
 
 
-async def _relay(response: httpx.Response, label: str) -> AsyncIterator[bytes]:
+async def _relay(response: UpstreamResponse, label: str) -> AsyncIterator[bytes]:
     """The upstream's bytes as they arrive: no buffering, no re-framing."""
     try:
         with upstream_errors(label, started=True):

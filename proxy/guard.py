@@ -12,15 +12,29 @@ the timer re-arms itself lazily, so relaying 100k events/s costs no timer churn.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Literal
 
 from starlette.types import Receive
 
-Reason = Literal["disconnect", "first_byte_timeout", "idle_timeout"]
+Reason = Literal["disconnect", "first_byte_timeout", "idle_timeout", "shutdown"]
+
+# The message the server cancels requests with when its drain timeout ends (proxy.server).
+SHUTDOWN = "vgate: shutting down"
 
 
 class Guard:
-    __slots__ = ("_deadline_at", "_idle", "_last", "_loop", "_task", "_timer", "_watcher", "reason")
+    __slots__ = (
+        "_deadline_at",
+        "_idle",
+        "_last",
+        "_loop",
+        "_task",
+        "_timer",
+        "_watcher",
+        "first_byte_at",
+        "reason",
+    )
 
     def __init__(self, receive: Receive, first_byte_timeout: float, idle_timeout: float) -> None:
         task = asyncio.current_task()
@@ -29,6 +43,8 @@ class Guard:
         self._loop = asyncio.get_running_loop()
         self._idle = idle_timeout
         self.reason: Reason | None = None
+        # perf_counter() at the first streamed byte, for time-to-first-token (0.0: none yet).
+        self.first_byte_at = 0.0
         self._last = self._loop.time()
         self._deadline_at = self._last + first_byte_timeout
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(
@@ -53,11 +69,14 @@ class Guard:
             self._timer.cancel()
             self._timer = None
 
-    def absorb(self) -> Reason | None:
+    def absorb(self, exc: BaseException | None = None) -> Reason | None:
         """After a CancelledError: our own cancellation is swallowed and its reason returned.
 
-        A cancellation from elsewhere (server shutdown) returns None and must be re-raised.
+        The server's drain-timeout cancellation (`exc` carrying SHUTDOWN) is absorbed as
+        "shutdown"; any other cancellation returns None and must be re-raised.
         """
+        if self.reason is None and exc is not None and exc.args == (SHUTDOWN,):
+            self.reason = "shutdown"
         if self.reason is None:
             return None
         self._task.uncancel()
@@ -79,6 +98,7 @@ class Guard:
     def arm_idle(self) -> None:
         """Switch the running timer to the idle deadline (called once, at the first byte)."""
         self.touch()
+        self.first_byte_at = time.perf_counter()
         if self._timer is not None:
             self._timer.cancel()
         self._timer = self._loop.call_at(self._last + self._idle, self._expire)

@@ -17,6 +17,7 @@ from proxy.config import ENGINE_PREFIX, Config
 from proxy.errors import ModelNotFound
 from proxy.forward import Forwarder, ModelRoute, Upstream
 from proxy.pipeline import Handler, ProxyRequest, ProxyResponse, chain
+from proxy.upstream import UpstreamClient
 
 
 @dataclass(frozen=True)
@@ -29,9 +30,12 @@ class Services:
 
 
 class Runtime:
-    def __init__(self, config: Config, client: httpx.AsyncClient) -> None:
+    def __init__(
+        self, config: Config, client: httpx.AsyncClient, upstream_client: UpstreamClient
+    ) -> None:
         self.config = config
-        self.client = client
+        self.client = client  # control plane: probes, scrapes, /tokenize
+        self.upstream_client = upstream_client  # the hot path
         self.monitors: dict[str, EngineMonitor] = {}
         self.routes: dict[str, ModelRoute] = {}
         for name, model in config.models.items():
@@ -52,7 +56,7 @@ class Runtime:
                 route.upstreams.append(Upstream(label, base_url, served, self.monitors[key]))
             self.routes[name] = route
         services = Services(config, client, self.routes)
-        forwarder = Forwarder(client, self.routes, config.upstream.api_key)
+        forwarder = Forwarder(upstream_client, self.routes, config.upstream.api_key)
         self.pipelines: dict[str, Handler] = {
             name: chain(build_policies(config, name, services), forwarder) for name in config.models
         }

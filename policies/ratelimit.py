@@ -1,0 +1,242 @@
+"""Requests and tokens per minute, per key, per model and overall, in memory or in Redis.
+
+Before forwarding, one atomic charge takes a request from every request budget that applies and
+reserves `prompt estimate + max_tokens` from every token budget. After the answer, the
+reservation is reconciled with the upstream's real `usage` (for streams when the stream ends,
+also when it breaks or the client leaves); without usage the reservation stands. A refused
+request consumes nothing and gets 429 with `Retry-After` and the `x-ratelimit-*` headers; every
+answer carries those headers too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from policies.auth import AuthSettings
+from policies.buckets import Bucket, BucketState, Charge, Decision, MemoryStorage, Storage
+from policies.buckets import StorageUnavailable as StorageUnavailable
+from policies.limits import Limits
+from policies.text import estimate_tokens
+from proxy.errors import RateLimited, VgateError
+from proxy.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
+from proxy.settings import Binder, check, positive
+
+if TYPE_CHECKING:
+    from proxy.config import Config
+    from proxy.runtime import Services
+
+log = logging.getLogger("vgate.ratelimit")
+
+
+def _storage_ok(v: str) -> str | None:
+    if v == "memory" or v.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be 'memory' or a redis:// (rediss://, unix://) URL"
+
+
+@dataclass(frozen=True, kw_only=True)
+class RateLimitSettings:
+    storage: str = check(_storage_ok, "memory")
+    overall: Limits | None = None  # one budget for all traffic of this proxy (or Redis)
+    per_model: Limits | None = None  # each model its own budget
+    per_key: Limits | None = None  # each API key its own budget (a key's `limits` replace it)
+    # Reserved for the completion when the request sets no max_tokens (reconciled afterwards).
+    default_max_tokens: int = check(positive, 256)
+    key_prefix: str = "vgate:rl"  # Redis key namespace (several deployments on one Redis)
+    # Storage unreachable: serve without limits (and log) rather than refuse everything.
+    fail_open: bool = True
+    storage_timeout: float = check(positive, 0.25)
+
+
+class RateLimitPolicy:
+    settings_class: ClassVar[type[Any]] = RateLimitSettings
+    model_overrides: ClassVar[frozenset[str] | None] = frozenset(
+        {"per_model", "default_max_tokens"}
+    )
+
+    def __init__(self, settings: RateLimitSettings, model: str | None, services: Services) -> None:
+        self._settings = settings
+        self._storage = _shared_storage(settings, services)
+        prefix = settings.key_prefix
+        fixed: list[Bucket] = []
+        for limits, scope in ((settings.overall, "all"), (settings.per_model, f"model:{model}")):
+            # An unknown model (model None) gets no bucket of its own: its name is client input.
+            if limits is not None and (scope == "all" or model is not None):
+                fixed += [b for b in limits.buckets(f"{prefix}:{scope}") if b is not None]
+        self._fixed = fixed
+        self._default_key = settings.per_key
+        self._key_limits = _key_limits(services.config)
+        self._key_buckets: dict[str, list[Bucket]] = {}
+        self._last_warning = 0.0
+
+    @classmethod
+    def problems(cls, settings: RateLimitSettings, config: Config) -> list[str]:
+        out: list[str] = []
+        for name in ("overall", "per_model", "per_key"):
+            limits = getattr(settings, name)
+            if limits is not None:
+                out += [f"{name}.{p}" for p in limits.problems()]
+        return out
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        buckets = self._buckets(request.key)
+        if not buckets:
+            return await call_next(request)
+        prompt = request.outcome.get("prompt_tokens") or estimate_tokens(request.body)
+        reserved = prompt + (request.max_tokens or self._settings.default_max_tokens)
+        charges: list[Charge] = [(b, reserved if b.tokens else 1) for b in buckets]
+        decision = await self._charge(charges)
+        if decision is None:  # storage down, failing open
+            return await call_next(request)
+        headers = _headers(charges, decision.states)
+        if not decision.allowed:
+            never = any(cost > b.capacity for b, cost in charges)
+            raise RateLimited(_message(charges, decision, never), headers=_refusal(headers, decision, never))
+        request.response_headers.update(headers)
+        tokens = [b for b in buckets if b.tokens]
+        if not tokens:
+            return await call_next(request)
+        try:
+            response = await call_next(request)
+        except VgateError:
+            # Refused or failed before generating: give the reservation back.
+            await self._charge([(b, -reserved) for b in tokens], force=True)
+            raise
+        if response.stream is None:
+            used = _used(request) if response.status < 400 else 0
+            await self._settle(tokens, reserved, used)
+        else:
+            response.stream = self._reconcile_at_end(response.stream, request, tokens, reserved)
+        return response
+
+    def _buckets(self, key: KeyInfo | None) -> list[Bucket]:
+        if key is None:
+            return self._fixed
+        cached = self._key_buckets.get(key.name)
+        if cached is None:
+            limits = self._key_limits.get(key.name, self._default_key)
+            own = limits.buckets(f"{self._settings.key_prefix}:key:{key.name}") if limits else ()
+            # Key names come from config, so this cache is bounded.
+            cached = self._key_buckets[key.name] = [b for b in own if b is not None] + self._fixed
+        return cached
+
+    async def _reconcile_at_end(
+        self,
+        stream: AsyncIterator[bytes],
+        request: ProxyRequest,
+        tokens: list[Bucket],
+        reserved: int,
+    ) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in stream:
+                yield chunk
+        finally:
+            aclose = getattr(stream, "aclose", None)
+            if aclose is not None:
+                await aclose()
+            # Usage arrives as the last event; a broken or abandoned stream has none, and the
+            # reservation stands (the engine may have generated up to max_tokens).
+            await self._settle(tokens, reserved, _used(request))
+
+    async def _settle(self, tokens: list[Bucket], reserved: int, used: int | None) -> None:
+        if used is not None and used != reserved:
+            await self._charge([(b, used - reserved) for b in tokens], force=True)
+
+    async def _charge(self, charges: Sequence[Charge], *, force: bool = False) -> Decision | None:
+        try:
+            return await self._storage.charge(charges, force=force)
+        except StorageUnavailable as exc:
+            if not self._settings.fail_open:
+                raise RateLimited(
+                    "Rate limits cannot be checked right now; retry shortly.",
+                    headers={"retry-after": "1"},
+                ) from None
+            now = time.monotonic()
+            if now - self._last_warning > 30.0:
+                self._last_warning = now
+                log.warning("rate-limit storage unavailable, serving unlimited: %s", exc)
+            return None
+
+
+def _used(request: ProxyRequest) -> int | None:
+    usage = request.usage
+    total = usage.get("total_tokens") if usage else None
+    return total if isinstance(total, int) and not isinstance(total, bool) else None
+
+
+def _shared_storage(settings: RateLimitSettings, services: Services) -> Storage:
+    """One storage per runtime and URL: every model's pipeline must charge the same buckets."""
+    name = f"ratelimit:{settings.storage}"
+    storage = services.shared.get(name)
+    if not isinstance(storage, Storage):
+        if settings.storage == "memory":
+            storage = MemoryStorage()
+        else:
+            from policies.redis_storage import RedisStorage  # redis is an optional dependency
+
+            storage = RedisStorage(settings.storage, timeout=settings.storage_timeout)
+        services.shared[name] = storage
+    return storage
+
+
+def _key_limits(config: Config) -> dict[str, Limits]:
+    binder = Binder()
+    auth = binder.bind(AuthSettings, config.policies.get("auth", {}), "policies.auth")
+    if auth is None:
+        return {}
+    return {k.name: k.limits for k in auth.keys if k.limits is not None}
+
+
+def _headers(charges: Sequence[Charge], states: Sequence[BucketState]) -> dict[str, str]:
+    """x-ratelimit-* for requests and tokens: the tightest bucket of each kind speaks."""
+    out: dict[str, str] = {}
+    for kind, is_tokens in (("requests", False), ("tokens", True)):
+        pairs = [(b, s) for (b, _), s in zip(charges, states, strict=True) if b.tokens is is_tokens]
+        if not pairs:
+            continue
+        bucket, st = min(pairs, key=lambda p: (p[1].remaining, -p[1].reset_after))
+        out[f"x-ratelimit-limit-{kind}"] = str(math.floor(bucket.capacity))
+        out[f"x-ratelimit-remaining-{kind}"] = str(st.remaining)
+        out[f"x-ratelimit-reset-{kind}"] = duration(st.reset_after)
+    return out
+
+
+def _refusal(headers: dict[str, str], decision: Decision, never: bool) -> dict[str, str]:
+    out = dict(headers)
+    if never:
+        out["x-should-retry"] = "false"
+    else:
+        out["retry-after"] = str(max(1, math.ceil(decision.retry_after)))
+        out["retry-after-ms"] = str(max(1, math.ceil(decision.retry_after * 1000)))
+    return out
+
+
+def _message(charges: Sequence[Charge], decision: Decision, never: bool) -> str:
+    if never:
+        cost = max(c for b, c in charges if b.tokens)
+        cap = min(math.floor(b.capacity) for b, c in charges if c > b.capacity)
+        return (
+            f"This request needs {cost} tokens (prompt estimate + max_tokens), more than the "
+            f"whole budget of {cap} tokens: it can never be served. Lower max_tokens."
+        )
+    return f"Rate limit reached. Retry after {duration(decision.retry_after)}."
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's reset format: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1.0:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    seconds = math.ceil(seconds * 1000) / 1000
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{int(hours)}h{int(minutes)}m{text}"
+    if minutes:
+        return f"{int(minutes)}m{text}"
+    return text

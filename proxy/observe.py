@@ -1,0 +1,132 @@
+"""The end of every completion request: classify it, count it, log one line about it.
+
+The endpoint knows what it sent (status, whether a stream started, the error, timings); the
+pipeline's stages left what they did in `request.outcome`, the token counts in `request.usage`,
+the caller in `request.key` and the upstream in `request.served_by`. This module turns that into
+the metrics of `proxy.metrics` and one structured log line, in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Container
+from typing import Any
+
+from proxy.errors import Overloaded, RateLimited, ShuttingDown, UpstreamError, VgateError
+from proxy.logs import REQUEST_ID
+from proxy.metrics import ProxyMetrics
+from proxy.pipeline import ProxyRequest
+
+# nginx's code for "client closed the request before any answer": nothing was sent at all.
+CLIENT_CLOSED = 499
+_MAX_MODEL_CHARS = 100
+_MAX_VALUE_CHARS = 200
+
+
+def classify(
+    status: int,
+    error: VgateError | None,
+    cancelled: bool,
+    stream_started: bool,
+    details: dict[str, Any],
+) -> str:
+    """The one outcome label of a finished request (see `proxy.metrics.OUTCOMES`)."""
+    if cancelled:
+        return "cancelled"
+    if isinstance(error, ShuttingDown):
+        return "shutdown"  # still running when the drain timeout ended
+    if stream_started:
+        # Headers (200) are gone: any error after them broke the stream.
+        return "ok" if error is None else "stream_failed"
+    if status < 400:
+        return "ok"
+    if "shed" in details or isinstance(error, Overloaded):
+        return "shed"
+    if "rate_limited" in details or isinstance(error, RateLimited):
+        return "rate_limited"
+    if isinstance(error, UpstreamError):
+        return "upstream_error"
+    return "server_error" if status >= 500 else "client_error"
+
+
+class Observer:
+    """Records finished requests into one app's metrics and the `vgate.request` log."""
+
+    def __init__(self, metrics: ProxyMetrics, log_requests: bool = True) -> None:
+        self.metrics = metrics
+        self.log = logging.getLogger("vgate.request")
+        self.log_requests = log_requests
+
+    def start(self, request_id: str) -> float:
+        """A request arrived: its id goes on every log line from now on; returns the start."""
+        # Each ASGI request runs in its own task with its own context: no reset needed.
+        REQUEST_ID.set(request_id)
+        self.metrics.in_flight += 1
+        return time.perf_counter()
+
+    def finish(
+        self,
+        models: Container[str],
+        route: str,
+        model: str | None,
+        request: ProxyRequest | None,
+        status: int,
+        error: VgateError | None,
+        cancelled: bool,
+        stream_started: bool,
+        started_at: float,
+        first_byte_at: float = 0.0,
+    ) -> None:
+        """Called once per request by the endpoint; times are `time.perf_counter()` values."""
+        self.metrics.in_flight -= 1
+        now = time.perf_counter()
+        latency = now - started_at
+        ttft = first_byte_at - started_at if first_byte_at else None
+        details = request.outcome if request is not None else {}
+        if cancelled and not stream_started:
+            status = CLIENT_CLOSED
+        outcome = classify(status, error, cancelled, stream_started, details)
+        label = model if model is not None and model in models else "unknown"
+        code = error.code if error is not None else None
+        self.metrics.record(label, route, status, outcome, request, latency, ttft, code)
+        if self.log_requests and self.log.isEnabledFor(logging.INFO):
+            self._log(route, model, request, status, outcome, code, latency, ttft)
+
+    def _log(
+        self,
+        route: str,
+        model: str | None,
+        request: ProxyRequest | None,
+        status: int,
+        outcome: str,
+        code: str | None,
+        latency: float,
+        ttft: float | None,
+    ) -> None:
+        fields: dict[str, Any] = {
+            "method": "POST",
+            "path": f"/v1/{route}",
+            # The name the client sent (bounded in length); metrics use "unknown" instead.
+            "model": model[:_MAX_MODEL_CHARS] if model is not None else None,
+            "status": status,
+            "outcome": outcome,
+            "latency_ms": round(latency * 1000, 3),
+            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+        }
+        if code is not None:
+            fields["error"] = code
+        if request is not None:
+            fields["stream"] = request.stream
+            fields["key"] = request.key.name if request.key is not None else None
+            fields["upstream"] = request.served_by
+            usage = request.usage or {}
+            fields["prompt_tokens"] = usage.get("prompt_tokens")
+            fields["completion_tokens"] = usage.get("completion_tokens")
+            for name, value in request.outcome.items():
+                # Stages report names and numbers; anything else is not ours to log.
+                if isinstance(value, bool | int | float) or value is None:
+                    fields.setdefault(name, value)
+                elif isinstance(value, str):
+                    fields.setdefault(name, value[:_MAX_VALUE_CHARS])
+        self.log.info("request", extra={"fields": fields})

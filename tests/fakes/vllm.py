@@ -1,0 +1,745 @@
+"""A fake vLLM OpenAI server: a small real HTTP/1.1 server with fault injection.
+
+It speaks the shapes vLLM answers with (`/health`, `/v1/models`, `/metrics`, `/tokenize`,
+`/v1/chat/completions`, `/v1/completions`, stream and not, SSE framed exactly like vLLM) over
+real sockets, so streaming, disconnect and keep-alive behaviour of the proxy is tested for real.
+It is a bare asyncio Protocol rather than a framework app so that it stays far cheaper than the
+proxy and can serve as the benchmark's upstream.
+
+Faults are chosen per request by a `"fake"` object in the JSON body (the proxy forwards unknown
+fields untouched), merged over the server-wide `FakeVLLM.defaults`:
+
+    status, body            answer with this status and body (str, or an object sent as JSON)
+    first_byte_delay        seconds before anything is sent (status line included)
+    first_event_delay       stream: headers at once, the first event after this many seconds
+    token_delay             seconds between two events
+    tokens                  content tokens to generate (default: max_tokens, else 8)
+    reset_after_events      stream: after N events, reset the connection (RST)
+    hang_after_events       stream: after N events, send nothing more and keep the socket open
+    never_answer            read the request, send nothing
+    error_event_after       stream: after N events, an error event then [DONE] (as vLLM does)
+    split                   stream: "every_byte", a piece size, or a list of byte offsets;
+    split_delay             the body is sent in those pieces with this delay between them
+
+What it saw is recorded for assertions (thread-safe): `connections`, `requests`, `cancelled`
+(responses the client abandoned before they were complete), `inflight` and `max_inflight`.
+
+In-process: `with FakeVLLM() as fake: ... fake.base_url` runs it on a background thread with its
+own loop. As a process: `python -m tests.fakes.vllm --port 8000` (the benchmark's upstream).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import itertools
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    411: "Length Required",
+    413: "Payload Too Large",
+    422: "Unprocessable Entity",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+}
+# Multi-byte UTF-8 on purpose: splitting the stream at every byte offset must cut inside them.
+_WORDS = ["Hello", " wörld", ",", " 日本語", " 🙂", " the", " quick", " fox", " ß", " end"]
+_MAX_HEADER_BYTES = 64 * 1024
+_COMPLETIONS = ("/v1/chat/completions", "/v1/completions")
+
+
+def token_text(i: int) -> str:
+    """The i-th generated token (deterministic, so tests can predict the whole answer)."""
+    return _WORDS[i % len(_WORDS)]
+
+
+def answer_text(tokens: int) -> str:
+    return "".join(token_text(i) for i in range(tokens))
+
+
+@dataclass(frozen=True)
+class Seen:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any  # parsed JSON, or None
+    raw: bytes
+    at: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    """A response the client closed the connection on before it was complete."""
+
+    path: str
+    request_id: str | None
+    events_sent: int
+    at: float  # time.monotonic()
+
+
+@dataclass
+class _Response:
+    """State of the response in progress on one connection."""
+
+    seen: Seen
+    counted: bool  # a completion: counted in inflight (what /metrics reports as running)
+    events_sent: int = 0
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Record:
+    connections: int = 0
+    requests: list[Seen] = field(default_factory=list)
+    cancelled: list[Cancelled] = field(default_factory=list)
+    inflight: int = 0
+    max_inflight: int = 0
+
+
+class FakeVLLM:
+    """The fake server. Thread mode: `start()`/`stop()` or a `with` block."""
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        model: str = "tiny",
+        max_model_len: int = 2048,
+        api_key: str | None = None,
+        keepalive_timeout: float = 5.0,
+        defaults: dict[str, Any] | None = None,
+        record: bool = True,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.model = model
+        self.max_model_len = max_model_len
+        self.api_key = api_key
+        # Like uvicorn (vLLM's server): an idle keep-alive connection is closed after 5 s.
+        self.keepalive_timeout = keepalive_timeout
+        self.defaults: dict[str, Any] = dict(defaults or {})
+        self.record_requests = record
+        self.seen = Record()
+        self._cond = threading.Condition()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.Server | None = None
+        self._thread: threading.Thread | None = None
+        self._protocols: set[_Connection] = set()
+        self._created = int(time.time())
+
+    # -- lifecycle ------------------------------------------------------------------------
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    async def listen(self) -> asyncio.Server:
+        """Start listening on the running loop (process mode, or from `start`)."""
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(
+            lambda: _Connection(self), self.host, self.port, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self._server
+
+    def start(self) -> FakeVLLM:
+        ready = threading.Event()
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            loop = asyncio.new_event_loop()
+            self._loop = loop
+            try:
+                loop.run_until_complete(self.listen())
+            except BaseException as exc:
+                failure.append(exc)
+                ready.set()
+                loop.close()
+                return
+            ready.set()
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(self._shutdown())
+                loop.close()
+
+        self._thread = threading.Thread(target=run, name="fake-vllm", daemon=True)
+        self._thread.start()
+        ready.wait(10)
+        if failure:
+            raise failure[0]
+        return self
+
+    async def _shutdown(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for proto in list(self._protocols):
+            proto.close()
+        tasks = [p.response.task for p in self._protocols if p.response and p.response.task]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    def stop(self) -> None:
+        if self._thread is None or self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._thread = None
+
+    def __enter__(self) -> FakeVLLM:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # -- what it saw ----------------------------------------------------------------------
+    def _update(self, fn: Callable[[Record], None]) -> None:
+        with self._cond:
+            fn(self.seen)
+            self._cond.notify_all()
+
+    def wait(self, predicate: Callable[[Record], bool], timeout: float = 5.0) -> bool:
+        """Block until `predicate(record)` holds; False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: predicate(self.seen), timeout)
+
+    async def wait_async(self, predicate: Callable[[Record], bool], within: float = 5.0) -> bool:
+        """`wait` for async tests: the blocking wait runs on a worker thread."""
+        return await asyncio.to_thread(self.wait, predicate, within)
+
+    def requests_to(self, path: str) -> list[Seen]:
+        with self._cond:
+            return [r for r in self.seen.requests if r.path == path]
+
+    @property
+    def completions(self) -> list[Seen]:
+        """Completion requests seen (the engine monitors' probes left out)."""
+        with self._cond:
+            return [r for r in self.seen.requests if r.path in _COMPLETIONS]
+
+    def reset(self) -> None:
+        with self._cond:
+            self.seen = Record(inflight=self.seen.inflight)
+            self.defaults = {}
+
+    # -- answers --------------------------------------------------------------------------
+    def models_body(self) -> bytes:
+        return orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.model,
+                        "object": "model",
+                        "created": self._created,
+                        "owned_by": "vllm",
+                        "root": self.model,
+                        "parent": None,
+                        "max_model_len": self.max_model_len,
+                        "permission": [],
+                    }
+                ],
+            }
+        )
+
+    def metrics_body(self) -> bytes:
+        with self._cond:
+            running = self.seen.inflight
+        labels = f'engine="0",model_name="{self.model}"'
+        lines = [
+            "# HELP vllm:num_requests_running Number of requests in model execution batches.",
+            "# TYPE vllm:num_requests_running gauge",
+            f"vllm:num_requests_running{{{labels}}} {float(running)}",
+            "# TYPE vllm:num_requests_waiting gauge",
+            f"vllm:num_requests_waiting{{{labels}}} 0.0",
+            "# TYPE vllm:kv_cache_usage_perc gauge",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {min(running * 0.01, 1.0)}",
+            "# TYPE vllm:prompt_tokens_total counter",
+            f"vllm:prompt_tokens_total{{{labels}}} 0.0",
+            "# TYPE vllm:generation_tokens_total counter",
+            f"vllm:generation_tokens_total{{{labels}}} 0.0",
+            "",
+        ]
+        return "\n".join(lines).encode()
+
+
+def prompt_tokens(body: dict[str, Any]) -> int:
+    """A stand-in tokenizer: one token per whitespace-separated word, plus 4 per chat turn."""
+    if isinstance(body.get("messages"), list):
+        count = 0
+        for m in body["messages"]:
+            content = m.get("content") if isinstance(m, dict) else None
+            count += 4 + (len(content.split()) if isinstance(content, str) else 0)
+        return count + 2
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return 1 + len(prompt.split())
+    if isinstance(prompt, list):
+        return len(prompt)
+    return 0
+
+
+def sse(data: Any) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\n\n"
+
+
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def stream_events(body: dict[str, Any], chat: bool, tokens: int, rid: str) -> Iterator[bytes]:
+    """vLLM's SSE events for one request (without the final [DONE])."""
+    created = int(time.time())
+    model = body.get("model")
+    n = body.get("n") or 1
+    if chat:
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model}
+        for index in range(n):
+            delta = {"role": "assistant", "content": ""}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+            yield sse({**head, "choices": [choice]})
+    else:
+        head = {"id": rid, "object": "text_completion", "created": created, "model": model}
+    for i in range(tokens):
+        last = i == tokens - 1
+        for index in range(n):
+            finish = "length" if last else None
+            if chat:
+                choice = {
+                    "index": index,
+                    "delta": {"content": token_text(i)},
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            else:
+                choice = {
+                    "index": index,
+                    "text": token_text(i),
+                    "logprobs": None,
+                    "finish_reason": finish,
+                    "stop_reason": None,
+                }
+            yield sse({**head, "choices": [choice]})
+    options = body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage"):
+        p = prompt_tokens(body)
+        usage = {
+            "prompt_tokens": p,
+            "total_tokens": p + tokens * n,
+            "completion_tokens": tokens * n,
+        }
+        yield sse({**head, "choices": [], "usage": usage})
+
+
+def whole_answer(body: dict[str, Any], chat: bool, tokens: int, rid: str) -> dict[str, Any]:
+    n = body.get("n") or 1
+    text = answer_text(tokens)
+    p = prompt_tokens(body)
+    usage = {"prompt_tokens": p, "total_tokens": p + tokens * n, "completion_tokens": tokens * n}
+    if chat:
+        choices: list[dict[str, Any]] = [
+            {
+                "index": i,
+                "message": {"role": "assistant", "content": text, "tool_calls": []},
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+            for i in range(n)
+        ]
+        kind = "chat.completion"
+    else:
+        choices = [
+            {
+                "index": i,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": "length",
+                "stop_reason": None,
+            }
+            for i in range(n)
+        ]
+        kind = "text_completion"
+    return {
+        "id": rid,
+        "object": kind,
+        "created": int(time.time()),
+        "model": body.get("model"),
+        "choices": choices,
+        "usage": usage,
+        "prompt_logprobs": None,
+    }
+
+
+def _error(message: str, kind: str, code: int, param: str | None = None) -> bytes:
+    return orjson.dumps({"error": {"message": message, "type": kind, "param": param, "code": code}})
+
+
+def _pieces(data: bytes, split: Any) -> list[bytes]:
+    if split == "every_byte":
+        return [data[i : i + 1] for i in range(len(data))]
+    if isinstance(split, int) and split > 0:
+        return [data[i : i + split] for i in range(0, len(data), split)]
+    if isinstance(split, list):
+        cuts = [0, *sorted(c for c in split if 0 < c < len(data)), len(data)]
+        return [data[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+    return [data]
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parse requests one at a time, answer, keep alive."""
+
+    def __init__(self, fake: FakeVLLM) -> None:
+        self.fake = fake
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.response: _Response | None = None
+        self.idle: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.keep_alive = True
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.fake._protocols.add(self)
+
+        def count(r: Record) -> None:
+            r.connections += 1
+
+        self.fake._update(count)
+        self._arm_idle()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.fake._protocols.discard(self)
+        if self.idle is not None:
+            self.idle.cancel()
+        response = self.response
+        if response is not None:
+            self.response = None
+            rid = response.seen.headers.get("x-request-id")
+            gone = Cancelled(response.seen.path, rid, response.events_sent, time.monotonic())
+
+            def cancelled(r: Record) -> None:
+                r.cancelled.append(gone)
+                r.inflight -= response.counted
+
+            self.fake._update(cancelled)
+            if response.task is not None:
+                response.task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if self.response is None:
+            self._next_request()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    # -- requests -------------------------------------------------------------------------
+    def _arm_idle(self) -> None:
+        if self.idle is not None:
+            self.idle.cancel()
+        loop = asyncio.get_running_loop()
+        self.idle = loop.call_later(self.fake.keepalive_timeout, self.close)
+
+    def _next_request(self) -> None:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buffer) > _MAX_HEADER_BYTES:
+                self._simple(431, b"", close=True)
+            return
+        head = bytes(self.buffer[:end]).decode("latin-1")
+        lines = head.split("\r\n")
+        try:
+            method, target, version = lines[0].split(" ")
+        except ValueError:
+            self._simple(400, b"", close=True)
+            return
+        headers: dict[str, str] = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "transfer-encoding" in headers:
+            self._simple(411, b"", close=True)  # enough for the clients we test with
+            return
+        length = int(headers.get("content-length", "0") or 0)
+        if len(self.buffer) < end + 4 + length:
+            return
+        raw = bytes(self.buffer[end + 4 : end + 4 + length])
+        del self.buffer[: end + 4 + length]
+        if self.idle is not None:
+            self.idle.cancel()
+            self.idle = None
+        self.keep_alive = version == "HTTP/1.1" and headers.get("connection", "") != "close"
+        try:
+            body = orjson.loads(raw) if raw else None
+        except orjson.JSONDecodeError:
+            body = None
+        seen = Seen(method, target, headers, body, raw, time.monotonic())
+        counted = method == "POST" and target in _COMPLETIONS
+        self.response = _Response(seen, counted)
+
+        def started(r: Record) -> None:
+            if self.fake.record_requests:
+                r.requests.append(seen)
+            r.inflight += counted
+            r.max_inflight = max(r.max_inflight, r.inflight)
+
+        self.fake._update(started)
+        self._dispatch(seen)
+
+    def _done(self) -> None:
+        """The response is complete: count it, then serve a pipelined request or wait."""
+        response = self.response
+        if response is None:
+            return
+        self.response = None
+
+        def finished(r: Record) -> None:
+            r.inflight -= response.counted
+
+        self.fake._update(finished)
+        if not self.keep_alive:
+            self.close()
+            return
+        self._arm_idle()
+        if self.buffer:
+            self._next_request()
+
+    def _reset(self) -> None:
+        """Abort the connection with a TCP RST (our own fault, not a client cancellation)."""
+        assert self.transport is not None
+        self.keep_alive = False
+        response = self.response
+        if response is not None:
+            self.response = None
+
+            def finished(r: Record) -> None:
+                r.inflight -= response.counted
+
+            self.fake._update(finished)
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+    def _write_head(self, status: int, headers: list[tuple[str, str]]) -> None:
+        assert self.transport is not None
+        lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
+        lines += [f"{k}: {v}" for k, v in headers]
+        if not self.keep_alive:
+            lines.append("connection: close")
+        self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+
+    def _simple(
+        self, status: int, body: bytes, ctype: str = "application/json", close: bool = False
+    ) -> None:
+        if close:
+            self.keep_alive = False
+        headers = [("content-length", str(len(body)))]
+        if body:
+            headers.insert(0, ("content-type", ctype))
+        self._write_head(status, headers)
+        assert self.transport is not None
+        self.transport.write(body)
+        if self.response is None:
+            if close:
+                self.close()
+            return
+        self._done()
+
+    def _dispatch(self, seen: Seen) -> None:
+        fake = self.fake
+        path = seen.path
+        known = {
+            "/health": "GET",
+            "/v1/models": "GET",
+            "/metrics": "GET",
+            "/tokenize": "POST",
+            "/v1/chat/completions": "POST",
+            "/v1/completions": "POST",
+        }
+        if path not in known:
+            self._simple(404, b'{"detail":"Not Found"}')
+            return
+        if seen.method != known[path]:
+            self._simple(405, b'{"detail":"Method Not Allowed"}')
+            return
+        authorization = seen.headers.get("authorization")
+        if fake.api_key and path.startswith("/v1/") and authorization != f"Bearer {fake.api_key}":
+            self._simple(401, b'{"error":"Unauthorized"}')
+            return
+        if path == "/health":
+            self._simple(200, b"")
+        elif path == "/v1/models":
+            self._simple(200, fake.models_body())
+        elif path == "/metrics":
+            self._simple(200, fake.metrics_body(), "text/plain; version=0.0.4; charset=utf-8")
+        else:
+            body = seen.body
+            if not isinstance(body, dict):
+                self._simple(400, _error("Invalid JSON body", "Bad Request", 400))
+                return
+            if path == "/tokenize":
+                count = prompt_tokens(body)
+                self._simple(
+                    200,
+                    orjson.dumps(
+                        {
+                            "count": count,
+                            "max_model_len": fake.max_model_len,
+                            "tokens": list(range(count)),
+                        }
+                    ),
+                )
+                return
+            assert self.response is not None
+            self.response.task = asyncio.get_running_loop().create_task(self._complete(seen, body))
+
+    async def _complete(self, seen: Seen, body: dict[str, Any]) -> None:
+        fault = {**self.fake.defaults, **(body.get("fake") or {})}
+        chat = seen.path == "/v1/chat/completions"
+        if fault.get("never_answer"):
+            await asyncio.Future()  # until the client goes away (connection_lost cancels us)
+        delay = fault.get("first_byte_delay")
+        if delay:
+            await asyncio.sleep(delay)
+        if "status" in fault:
+            payload = fault.get("body", "")
+            data = payload if isinstance(payload, bytes) else None
+            if data is None:
+                data = payload.encode() if isinstance(payload, str) else orjson.dumps(payload)
+            self._simple(int(fault["status"]), data)
+            return
+        if body.get("model") != self.fake.model:
+            message = f"The model `{body.get('model')}` does not exist."
+            self._simple(404, _error(message, "NotFoundError", 404, "model"))
+            return
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        tokens = int(fault.get("tokens", max_tokens or 8))
+        rid = ("chatcmpl-" if chat else "cmpl-") + (seen.headers.get("x-request-id") or "fake")
+        if not body.get("stream"):
+            self._simple(200, orjson.dumps(whole_answer(body, chat, tokens, rid)))
+            return
+        await self._stream(body, chat, tokens, rid, fault)
+
+    async def _stream(
+        self, body: dict[str, Any], chat: bool, tokens: int, rid: str, fault: dict[str, Any]
+    ) -> None:
+        transport = self.transport
+        response = self.response
+        assert transport is not None and response is not None
+        self._write_head(
+            200,
+            [
+                ("content-type", "text/event-stream; charset=utf-8"),
+                ("transfer-encoding", "chunked"),
+            ],
+        )
+        events = list(stream_events(body, chat, tokens, rid))
+        error_after = fault.get("error_event_after")
+        if error_after is not None:
+            events = events[:error_after]
+            events.append(
+                sse(
+                    {
+                        "error": {
+                            "message": "fake engine error",
+                            "type": "InternalServerError",
+                            "param": None,
+                            "code": 500,
+                        }
+                    }
+                )
+            )
+        events.append(SSE_DONE)
+        if fault.get("split") is not None:
+            if fault.get("first_event_delay"):
+                await asyncio.sleep(fault["first_event_delay"])
+            split_delay = fault.get("split_delay", 0.0)
+            for piece in _pieces(b"".join(events), fault["split"]):
+                transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
+                await asyncio.sleep(split_delay)
+            transport.write(b"0\r\n\r\n")
+            self._done()
+            return
+        token_delay = fault.get("token_delay", 0.0)
+        reset_after = fault.get("reset_after_events")
+        hang_after = fault.get("hang_after_events")
+        for i, event in enumerate(events):
+            if i == 0 and fault.get("first_event_delay"):
+                await asyncio.sleep(fault["first_event_delay"])
+            elif i:
+                # Each event is its own write on its own loop turn, as an engine produces them.
+                await asyncio.sleep(token_delay)
+            if reset_after is not None and i == reset_after:
+                self._reset()
+                return
+            if hang_after is not None and i == hang_after:
+                await asyncio.Future()
+            transport.write(b"%x\r\n%b\r\n" % (len(event), event))
+            response.events_sent += 1
+        transport.write(b"0\r\n\r\n")
+        self._done()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="fake vLLM OpenAI server (tests and benchmarks)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model", default="tiny")
+    p.add_argument("--max-model-len", type=int, default=2048)
+    p.add_argument("--token-delay", type=float, default=0.0)
+    args = p.parse_args(argv)
+    defaults = {"token_delay": args.token_delay} if args.token_delay else {}
+    fake = FakeVLLM(
+        args.host,
+        args.port,
+        model=args.model,
+        max_model_len=args.max_model_len,
+        defaults=defaults,
+        record=False,  # a long benchmark must not grow a list of every request
+    )
+
+    async def run() -> None:
+        server = await fake.listen()
+        print(f"fake-vllm listening on {fake.base_url}", flush=True)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        import uvloop
+
+        uvloop.run(run())
+    except ImportError:
+        asyncio.run(run())
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,125 @@
+"""Session fixtures: the tiny dev model, and ONE real vLLM CPU server launched by our own code.
+
+The server is pinned to core 0 (the machine is shared; vLLM unpinned keeps every core busy), has
+its own TMPDIR, a free port, and is stopped as a whole process group at the end of the session.
+Without the engine venv the tests that need it are skipped, unless VGATE_REQUIRE_VLLM is set
+(CI sets it, so a broken engine install fails the run instead of hiding in skips).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from engine import devmodel, launch, procs
+from engine.config import EngineConfig
+
+REPO = Path(__file__).resolve().parent.parent
+ENGINE_PYTHON = Path(
+    os.environ.get("VGATE_ENGINE_PYTHON", REPO / ".venv-engine" / "bin" / "python")
+)
+HEALTH_TIMEOUT = 180.0
+SERVED_NAME = "tiny"
+MAX_MODEL_LEN = 2048
+
+
+@dataclass(frozen=True)
+class VllmServer:
+    base_url: str  # without /v1
+    served_name: str
+    model_dir: Path
+    pid: int  # also the process group id
+    log_path: Path
+    max_model_len: int = MAX_MODEL_LEN
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def require_engine_python() -> Path:
+    """The engine venv's interpreter, or skip (fail under VGATE_REQUIRE_VLLM)."""
+    if ENGINE_PYTHON.exists():
+        return ENGINE_PYTHON
+    reason = f"vLLM CPU engine venv not found at {ENGINE_PYTHON} (make engine-venv)"
+    if os.environ.get("VGATE_REQUIRE_VLLM"):
+        pytest.fail(f"VGATE_REQUIRE_VLLM is set but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The dev model, built once per session."""
+    return devmodel.build(tmp_path_factory.mktemp("models") / "tiny")
+
+
+@pytest.fixture(scope="session")
+def vllm_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[VllmServer]:
+    """One real vLLM OpenAI server on the tiny model for the whole session."""
+    python = require_engine_python()
+    work = tmp_path_factory.mktemp("vllm")
+    port = free_port()
+    cfg = EngineConfig(
+        model=str(tiny_model_dir),
+        served_name=SERVED_NAME,
+        port=port,
+        build="cpu",
+        python=str(python),
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_bytes=256 * 1024 * 1024,
+        enforce_eager=True,
+        cpu_cores="0",
+        runtime_dir=str(work / "run"),
+    )
+    spec = launch.build(SERVED_NAME, cfg)
+    launch.prepare(spec)
+    log_path = work / "vllm.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            spec.argv,
+            env=spec.full_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=procs.die_with_parent(),
+        )
+    server = VllmServer(launch.base_url(cfg), SERVED_NAME, tiny_model_dir, proc.pid, log_path)
+    try:
+        _wait_healthy(server, proc)
+        yield server
+    finally:
+        procs.stop_group(proc.pid, timeout=15.0)
+        proc.wait(timeout=10)
+
+
+def _wait_healthy(server: VllmServer, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + HEALTH_TIMEOUT
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"vLLM exited with {proc.returncode} while starting:\n{_tail(server)}")
+        try:
+            if httpx.get(server.base_url + "/health", timeout=2.0).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"vLLM not healthy after {HEALTH_TIMEOUT:.0f} s:\n{_tail(server)}")
+
+
+def _tail(server: VllmServer, lines: int = 30) -> str:
+    text = server.log_path.read_text(errors="replace").splitlines()
+    return "\n".join(text[-lines:])
