@@ -89,7 +89,7 @@ def authenticator(policies: list[Policy]) -> Callable[[Headers], KeyInfo] | None
     return None
 
 
-async def close(services: Services) -> None:
+async def close_policies(services: Services) -> None:
     """Release what policies shared through `services.shared` (rate-limit storages)."""
     for resource in services.shared.values():
         aclose = getattr(resource, "aclose", None)

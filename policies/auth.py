@@ -32,14 +32,14 @@ if TYPE_CHECKING:
 
 KEY_PREFIX = "vg-"
 # Names end up in logs, metrics and rate-limit storage keys: keep them plain.
-_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 # Longer than any key we issue by far; longer values are refused before hashing.
 _MAX_KEY_CHARS = 256
 
 
 def _name_ok(v: str) -> str | None:
-    return None if _NAME.fullmatch(v) else "must be 1-64 characters of A-Z a-z 0-9 . _ -"
+    return None if NAME_PATTERN.fullmatch(v) else "must be 1-64 characters of A-Z a-z 0-9 . _ -"
 
 
 def _digest_ok(v: str) -> str | None:

@@ -100,8 +100,12 @@ class MemoryStorage(Storage):
             after.append(new)
         if retry > 0:
             return Decision(
-                False, retry, tuple(state(b, t - now) for (b, _), t in zip(charges, current))
+                False,
+                retry,
+                tuple(state(b, t - now) for (b, _), t in zip(charges, current, strict=True)),
             )
-        for (bucket, _), new in zip(charges, after):
+        for (bucket, _), new in zip(charges, after, strict=True):
             self._tat[bucket.key] = new
-        return Decision(True, 0.0, tuple(state(b, t - now) for (b, _), t in zip(charges, after)))
+        return Decision(
+            True, 0.0, tuple(state(b, t - now) for (b, _), t in zip(charges, after, strict=True))
+        )

@@ -96,7 +96,9 @@ class RateLimitPolicy:
         headers = _headers(charges, decision.states)
         if not decision.allowed:
             never = any(cost > b.capacity for b, cost in charges)
-            raise RateLimited(_message(charges, decision, never), headers=_refusal(headers, decision, never))
+            raise RateLimited(
+                _message(charges, decision, never), headers=_refusal(headers, decision, never)
+            )
         request.response_headers.update(headers)
         tokens = [b for b in buckets if b.tokens]
         if not tokens:
@@ -105,7 +107,7 @@ class RateLimitPolicy:
             response = await call_next(request)
         except VgateError:
             # Refused or failed before generating: give the reservation back.
-            await self._charge([(b, -reserved) for b in tokens], force=True)
+            await self._settle(tokens, reserved, 0)
             raise
         if response.stream is None:
             used = _used(request) if response.status < 400 else 0
@@ -144,8 +146,13 @@ class RateLimitPolicy:
             await self._settle(tokens, reserved, _used(request))
 
     async def _settle(self, tokens: list[Bucket], reserved: int, used: int | None) -> None:
-        if used is not None and used != reserved:
-            await self._charge([(b, used - reserved) for b in tokens], force=True)
+        """Correct the reservation to the real usage; never raises (the answer is out)."""
+        if used is None or used == reserved:
+            return
+        try:
+            await self._storage.charge([(b, used - reserved) for b in tokens], force=True)
+        except StorageUnavailable as exc:
+            self._warn(exc)
 
     async def _charge(self, charges: Sequence[Charge], *, force: bool = False) -> Decision | None:
         try:
@@ -156,11 +163,14 @@ class RateLimitPolicy:
                     "Rate limits cannot be checked right now; retry shortly.",
                     headers={"retry-after": "1"},
                 ) from None
-            now = time.monotonic()
-            if now - self._last_warning > 30.0:
-                self._last_warning = now
-                log.warning("rate-limit storage unavailable, serving unlimited: %s", exc)
+            self._warn(exc)
             return None
+
+    def _warn(self, exc: StorageUnavailable) -> None:
+        now = time.monotonic()
+        if now - self._last_warning > 30.0:  # one line per outage, not one per request
+            self._last_warning = now
+            log.warning("rate-limit storage unavailable, limits not enforced: %s", exc)
 
 
 def _used(request: ProxyRequest) -> int | None:

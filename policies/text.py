@@ -41,7 +41,7 @@ def chat_bytes(messages: Sequence[Any], per_message: int) -> int | None:
         if not isinstance(m, dict):
             return None
         size = content_bytes(m.get("content"))
-        if size is None or "tool_calls" in m and m["tool_calls"]:
+        if size is None or m.get("tool_calls"):
             return None
         role, name = m.get("role"), m.get("name")
         total += size + per_message + (utf8_len(role) if isinstance(role, str) else 0)

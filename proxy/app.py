@@ -83,8 +83,13 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
 
     async def models(request: Request) -> Response:
         rt = holder()
+        # Behind auth, the list is the caller's: a key sees only the models it may use.
+        key = rt.authenticate(request.headers) if rt.authenticate is not None else None
+        allowed = key.allowed_models if key is not None else None
         data = []
         for name, route in rt.routes.items():
+            if allowed is not None and name not in allowed:
+                continue
             entry: dict[str, Any] = {
                 "id": name,
                 "object": "model",
@@ -101,10 +106,13 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         return _json({"status": "ok"})
 
     async def ready(request: Request) -> Response:
-        problems = holder().readiness()
+        rt = holder()
+        problems = rt.readiness()
+        # Health, breaker state and load per upstream, in both answers (proxy.runtime).
+        upstreams = rt.upstream_states()
         if problems:
-            return _json({"status": "not ready", "models": problems}, 503)
-        return _json({"status": "ready"})
+            return _json({"status": "not ready", "models": problems, "upstreams": upstreams}, 503)
+        return _json({"status": "ready", "upstreams": upstreams})
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)

@@ -31,7 +31,7 @@ class _Failure(Exception):
     """What a counted failure looks like to pybreaker when it is replayed."""
 
 
-class _OpenedAt(pybreaker.CircuitBreakerListener):  # type: ignore[misc]
+class _OpenedAt(pybreaker.CircuitBreakerListener):
     def __init__(self, owner: Breaker) -> None:
         self._owner = owner
 

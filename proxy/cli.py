@@ -41,6 +41,9 @@ def parser() -> argparse.ArgumentParser:
     from proxy.systemd_cli import register as register_systemd
 
     register_systemd(sub)
+    from policies.cli import register as register_policies
+
+    register_policies(sub)
     return p
 
 

@@ -13,8 +13,8 @@ from proxy.settings import (
     Binder,
     ConfigError,
     check,
-    non_empty,
     fraction,
+    non_empty,
     non_negative,
     port_number,
     positive,
@@ -175,6 +175,10 @@ def from_dict(data: dict[str, Any], source: str = "<memory>") -> Config:
 
 
 def _cross_checks(cfg: Config, binder: Binder) -> None:
+    # Imported here: policies import the proxy modules that import this one.
+    from policies import validate as validate_policies
+
+    binder.problems.extend(validate_policies(cfg))
     _check_admin(cfg, binder)
     _check_fallbacks(cfg, binder)
     for name, model in cfg.models.items():

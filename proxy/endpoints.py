@@ -78,9 +78,11 @@ class CompletionEndpoint:
                         rt.pipelines, self.route, model, None, exc.status, exc, False, False, t0
                     )
             return
-        except BaseException:
+        except BaseException as exc:
             if obs is not None:
-                obs.finish(rt.pipelines, self.route, model, None, 500, None, False, False, t0)
+                # Cancelled (server stopping) while reading, or a bug: recorded either way.
+                gone = isinstance(exc, asyncio.CancelledError)
+                obs.finish(rt.pipelines, self.route, model, None, 500, None, gone, False, t0)
             raise
         request = ProxyRequest(self.route, model, data, headers, rid, stream)
         upstream = rt.config.upstream

@@ -1,39 +1,101 @@
-"""The pipeline's endpoint: send a request to one upstream and hand back its answer."""
+"""The pipeline's endpoint: choose an upstream, send, retry or fail over, hand back the answer.
+
+Per request: walk the model's chain (its own upstreams, then its fallback models) for the least
+busy upstream whose breaker admits a call; take a slot on it (or wait, bounded: proxy.admission);
+send. A transport error, timeout or 5xx before the first byte reaches the client is counted by
+that upstream's breaker and, while attempts, the deadline and the shared retry budget allow, the
+request moves to another upstream (or backs off and retries the same one). Once a byte has gone
+to the client nothing is retried: a failure then ends the stream with an error event.
+
+Streams are peeked: the first chunk is read before the response is handed back, so an upstream
+that fails before its first event is retried and the client sees one coherent stream.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import orjson
 
 from engine.monitor import EngineMonitor
-from proxy.errors import InvalidRequest, UpstreamServerError
+from proxy.admission import Admission
+from proxy.balance import Choice, affinity_key, pick
+from proxy.breaker import Breaker
+from proxy.config import ResilienceConfig
+from proxy.errors import (
+    CircuitOpen,
+    ContextLengthExceeded,
+    InvalidRequest,
+    UpstreamError,
+    UpstreamServerError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
 from proxy.pipeline import ProxyRequest, ProxyResponse
+from proxy.retry import RetryBudget, backoff
 from proxy.sse import UsageTap, usage_of
 from proxy.upstream import UpstreamClient, UpstreamResponse, upstream_errors
 
+# What vLLM says when a prompt does not fit its window (renderers/params.py, input_processor.py).
+_OVERFLOW_MARKS = (b"maximum context length", b"maximum model length")
+# proxy.guard cancels the request task with its reason: these are the upstream's fault.
+_TIMEOUT_REASONS = ("first_byte_timeout", "idle_timeout")
 
-@dataclass(eq=False)
+
 class Upstream:
-    """One engine serving one model: where it is, what it calls the model, how busy it is."""
+    """One engine serving one model: where it is, what it calls the model, how busy it is.
 
-    label: str  # as configured ("engine:tiny" or the URL): safe for headers, logs, metrics
-    base_url: str
-    served_name: str
-    monitor: EngineMonitor
-    inflight: int = 0
+    Plain attributes for /ready and metrics: `inflight`, `queued`, `attempts`, `failures`,
+    `breaker.current_state`.
+    """
+
+    def __init__(
+        self,
+        label: str,
+        base_url: str,
+        served_name: str,
+        monitor: EngineMonitor,
+        *,
+        breaker: Breaker | None = None,
+    ) -> None:
+        self.label = label  # as configured ("engine:tiny" or the URL): safe for headers, logs
+        self.label_bytes = label.encode()
+        self.base_url = base_url
+        self.served_name = served_name
+        self.monitor = monitor
+        self.breaker = breaker if breaker is not None else Breaker(label)
+        self.admission: Admission | None = None  # the model's waiting room (ModelRoute.add)
+        self.inflight = 0
+        self.attempts = 0  # requests sent, retries included
+        self.failures = 0  # attempts that failed (transport, timeout, 5xx)
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.label!r}, inflight={self.inflight})"
 
     @property
     def available(self) -> bool:
         # Unknown (not probed yet) counts as available: the first request is the probe.
-        return self.monitor.healthy is not False
+        return self.monitor.healthy is not False and self.breaker.allows()
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a slot on this model's upstreams."""
+        return self.admission.waiting if self.admission is not None else 0
 
 
 @dataclass(eq=False)
 class ModelRoute:
     name: str
     upstreams: list[Upstream] = field(default_factory=list)
+    admission: Admission = field(default_factory=Admission)
+
+    def add(self, upstream: Upstream) -> None:
+        upstream.admission = self.admission
+        self.upstreams.append(upstream)
 
     def pick(self) -> Upstream:
         """Least outstanding requests among available upstreams (any, if none is)."""
@@ -41,26 +103,195 @@ class ModelRoute:
         return min(candidates, key=lambda u: u.inflight)
 
 
+class _Lease:
+    """One attempt's hold on an upstream: its slot and, while half-open, its probe."""
+
+    __slots__ = ("probe", "released", "route", "upstream")
+
+    def __init__(self, route: ModelRoute, upstream: Upstream, probe: bool) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.probe = probe
+        self.released = False
+
+    def succeeded(self) -> None:
+        self.upstream.breaker.success(self.probe)
+        self.probe = False
+
+    def failed(self) -> None:
+        self.upstream.failures += 1
+        self.upstream.breaker.failure(self.probe)
+        self.probe = False
+
+    def abandoned(self) -> None:
+        self.upstream.breaker.release(self.probe)
+        self.probe = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.route.admission.release(self.upstream)
+
+
 class Forwarder:
     """Terminal handler: the request leaves the proxy here, for a configured upstream only."""
 
     def __init__(
-        self, client: UpstreamClient, routes: dict[str, ModelRoute], api_key: str | None
+        self,
+        client: UpstreamClient,
+        routes: dict[str, ModelRoute],
+        api_key: str | None,
+        resilience: ResilienceConfig | None = None,
+        chains: dict[str, list[str]] | None = None,
     ) -> None:
         self._client = client
         self._routes = routes
         self._auth = f"Bearer {api_key}" if api_key else None
+        cfg = resilience or ResilienceConfig()
+        self._retry = cfg.retry
+        self._backpressure = cfg.backpressure
+        self._affinity = cfg.affinity_messages if cfg.affinity == "prefix" else 0
+        self.budget = RetryBudget(cfg.retry.budget_ratio, cfg.retry.budget_min)
+        chains = chains or {name: [name] for name in routes}
+        self._chains = {name: [routes[m] for m in models] for name, models in chains.items()}
+        # vLLM's "prompt too long" 400 becomes ContextLengthExceeded only where some other
+        # model may take the request (proxy.fallback); elsewhere it passes through unchanged.
+        self._overflow = {name for name, models in chains.items() if len(models) > 1}
 
     async def __call__(self, request: ProxyRequest) -> ProxyResponse:
-        upstream = self._routes[request.model].pick()
-        request.served_by = f"{upstream.label} {request.model}"
-        upstream.inflight += 1
+        budget = self.budget
+        budget.enter()
         try:
-            return await self.send(upstream, request)
+            return await self._serve(request)
         finally:
-            upstream.inflight -= 1
+            budget.leave()
 
-    async def send(self, upstream: Upstream, request: ProxyRequest) -> ProxyResponse:
+    async def _serve(self, request: ProxyRequest) -> ProxyResponse:
+        chain = self._chains[request.model]
+        retry = self._retry
+        deadline = time.monotonic() + retry.deadline
+        key = affinity_key(request.body, self._affinity) if self._affinity else None
+        priority = request.key.priority if request.key is not None else 0
+        bp = self._backpressure
+        kv_limit = bp.kv_cache_threshold if priority < bp.protected_priority else None
+        tried: list[Upstream] = []
+        failure: UpstreamError | None = None
+        attempt = 0
+        while True:
+            lease = await self._lease(
+                request, chain, tried, failure, attempt, deadline, key, kv_limit, priority
+            )
+            attempt += 1
+            try:
+                response = await self._attempt(lease, request)
+            except UpstreamError as exc:
+                failure = exc
+                tried.append(lease.upstream)
+                if (
+                    attempt >= retry.attempts
+                    or time.monotonic() >= deadline
+                    or not self.budget.spend()
+                ):
+                    raise
+                continue
+            if attempt > 1:
+                request.outcome["retries"] = attempt - 1
+            if lease.route is not chain[0]:
+                request.outcome["fallback"] = _reason(failure, chain[0])
+            request.served_by = f"{lease.upstream.label} {lease.route.name}"
+            return response
+
+    async def _lease(
+        self,
+        request: ProxyRequest,
+        chain: list[ModelRoute],
+        tried: list[Upstream],
+        failure: UpstreamError | None,
+        attempt: int,
+        deadline: float,
+        key: int | None,
+        kv_limit: float | None,
+        priority: int,
+    ) -> _Lease:
+        """Choose an upstream and hold a slot (and a probe) on it, or raise why not."""
+        refused: list[Upstream] = []
+        slept = False
+        for _ in range(4 * sum(len(r.upstreams) for r in chain) + 4):
+            choice = Choice()
+            route = _choose(chain, choice, tried, refused, key, kv_limit)
+            upstream = choice.upstream
+            if route is None or upstream is None:
+                if failure is not None:
+                    raise failure
+                if choice.kv_blocked:
+                    raise chain[0].admission.refuse(request.outcome, "kv_cache")
+                raise _circuit_open(chain, request)
+            if upstream in tried and not slept:
+                # Only the upstreams that already failed us are left: back off first.
+                delay = backoff(attempt, self._retry.backoff_base, self._retry.backoff_max)
+                if failure is not None and time.monotonic() + delay >= deadline:
+                    raise failure
+                await asyncio.sleep(delay)
+                slept = True
+                continue
+            admission = route.admission
+            if not admission.take(upstream):
+                limit = max(0.0, deadline - time.monotonic())
+                upstream = await admission.wait(request.outcome, priority, limit)
+            try:
+                probe = upstream.breaker.admit()
+            except CircuitOpen:
+                admission.release(upstream)
+                refused.append(upstream)
+                continue
+            return _Lease(route, upstream, probe)
+        raise failure or _circuit_open(chain, request)
+
+    async def _attempt(self, lease: _Lease, request: ProxyRequest) -> ProxyResponse:
+        """One upstream attempt with its accounting: breaker outcome, slot, counters."""
+        upstream = lease.upstream
+        upstream.attempts += 1
+        overflow = request.model in self._overflow
+        try:
+            timeout = self._retry.attempt_timeout
+            if timeout is None:
+                response = await self.send(upstream, request, lease, overflow)
+            else:
+                try:
+                    async with asyncio.timeout(timeout):
+                        response = await self.send(upstream, request, lease, overflow)
+                except TimeoutError:
+                    raise UpstreamTimeout(
+                        f"Upstream {upstream.label} sent nothing within the attempt timeout."
+                    ) from None
+        except UpstreamError:
+            lease.failed()
+            lease.release()
+            raise
+        except ContextLengthExceeded:
+            lease.succeeded()  # the engine answered, correctly
+            lease.release()
+            raise
+        except asyncio.CancelledError as exc:
+            if exc.args[:1] and exc.args[0] in _TIMEOUT_REASONS:
+                lease.failed()
+            else:
+                lease.abandoned()  # the client left: not the upstream's fault
+            lease.release()
+            raise
+        except BaseException:
+            lease.abandoned()
+            lease.release()
+            raise
+        lease.succeeded()
+        if response.stream is None:
+            lease.release()
+        return response
+
+    async def send(
+        self, upstream: Upstream, request: ProxyRequest, lease: _Lease, overflow: bool = False
+    ) -> ProxyResponse:
+        """Send to `upstream`; a stream is returned only once its first chunk arrived."""
         body = request.body
         body["model"] = upstream.served_name
         strip_usage = False
@@ -89,41 +320,166 @@ class Forwarder:
             # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
             raise InvalidRequest("Request body is nested too deeply.") from None
         outbound = self._client.build_request("POST", url, content=content, headers=headers)
-        with upstream_errors(upstream.label):
+        label = upstream.label
+        with upstream_errors(label):
             response = await self._client.send(outbound, stream=True)
-        ok = response.status_code < 400
-        if request.stream and ok:
-            return ProxyResponse(
-                status=response.status_code,
-                content_type="text/event-stream; charset=utf-8",
-                stream=aiter(
-                    UsageTap(_relay(response, upstream.label), request, strip=strip_usage)
-                ),
-            )
+        status = response.status_code
         try:
-            with upstream_errors(upstream.label):
+            if request.stream and status < 400:
+                chunks = response.aiter_raw()
+                with upstream_errors(label):
+                    first = await anext(chunks, b"")
+                if not first:
+                    raise UpstreamServerError("The upstream ended the stream before any event.")
+                relay = _relay(first, chunks, response, lease)
+                events = aiter(UsageTap(relay, request, strip=strip_usage))
+                return ProxyResponse(
+                    status=status,
+                    content_type="text/event-stream; charset=utf-8",
+                    stream=_Stream(events, relay, response, lease),
+                )
+            with upstream_errors(label):
                 content = await response.aread()
-        finally:
+        except BaseException:
             await response.aclose()
-        if response.status_code >= 500:
+            raise
+        await response.aclose()
+        if status >= 500:
             # 5xx bodies can carry tracebacks and paths: the client gets a generic message.
             raise UpstreamServerError(
-                f"The upstream failed to process the request (status {response.status_code})."
+                f"The upstream failed to process the request (status {status})."
             )
-        if response.status_code < 300:
+        if status < 300:
             request.usage = usage_of(content)
+        elif status == 400 and overflow and any(m in content for m in _OVERFLOW_MARKS):
+            raise ContextLengthExceeded(
+                "The prompt is longer than this model's context window.", param="messages"
+            )
         return ProxyResponse(
-            status=response.status_code,
+            status=status,
             content_type=response.headers.get("content-type", "application/json"),
             body=content,
         )
 
 
-async def _relay(response: UpstreamResponse, label: str) -> AsyncIterator[bytes]:
+def _choose(
+    chain: list[ModelRoute],
+    choice: Choice,
+    tried: list[Upstream],
+    refused: list[Upstream],
+    key: int | None,
+    kv_limit: float | None,
+) -> ModelRoute | None:
+    """The route and upstream (in `choice`) to try next, in order of preference: untried and
+    healthy, then tried and healthy (a retry), then upstreams the monitor reports as failing."""
+    skip: list[Upstream] = tried + refused if refused else tried
+    for unhealthy in (False, True):
+        for excluded in (skip, refused):
+            for route in chain:
+                if pick(
+                    route.upstreams,
+                    choice,
+                    skip=excluded,
+                    unhealthy=unhealthy,
+                    kv_limit=kv_limit,
+                    key=key,
+                ):
+                    return route
+            if not tried:
+                break
+    return None
+
+
+def _circuit_open(chain: list[ModelRoute], request: ProxyRequest) -> CircuitOpen:
+    waits = []
+    for route in chain:
+        for u in route.upstreams:
+            if not u.breaker.allows():
+                u.breaker.rejected += 1
+                waits.append(u.breaker.retry_in())
+    request.outcome["breaker"] = "open"
+    wait = max(1, round(min(waits))) if waits else 1
+    return CircuitOpen(
+        f"No upstream of model `{request.model}` can take requests now (circuit breaker open).",
+        headers={"retry-after": str(wait)},
+    )
+
+
+def _reason(failure: UpstreamError | None, first: ModelRoute) -> str:
+    """Why a request left its model for a fallback, as a short label."""
+    if isinstance(failure, UpstreamTimeout):
+        return "timeout"
+    if isinstance(failure, UpstreamUnreachable):
+        return "unreachable"
+    if isinstance(failure, UpstreamServerError):
+        return "server_error"
+    if failure is not None:
+        return "upstream_error"
+    if any(u.breaker.current_state != "closed" for u in first.upstreams):
+        return "breaker_open"
+    return "unhealthy"
+
+
+class _Stream:
+    """The client-facing stream: iterating it iterates the relay directly (no extra layer per
+    chunk); closing it always frees the upstream, even if iteration never started."""
+
+    __slots__ = ("_events", "_lease", "_relay", "_response")
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        relay: AsyncIterator[bytes],
+        response: UpstreamResponse,
+        lease: _Lease,
+    ) -> None:
+        self._events = events
+        self._relay = relay
+        self._response = response
+        self._lease = lease
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        try:
+            for it in (self._events, self._relay):
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        finally:
+            if not self._lease.released:
+                # The relay never started (the client left before the headers went out).
+                self._lease.abandoned()
+                self._lease.release()
+                await self._response.aclose()
+
+    def __del__(self) -> None:
+        # Last resort if a wrapper never closed us: the slot must not leak (the connection is
+        # reclaimed by the client library's own finalizer).
+        if not self._lease.released:
+            self._lease.release()
+
+
+async def _relay(
+    first: bytes, chunks: AsyncIterator[bytes], response: UpstreamResponse, lease: _Lease
+) -> AsyncIterator[bytes]:
     """The upstream's bytes as they arrive: no buffering, no re-framing."""
     try:
-        with upstream_errors(label, started=True):
-            async for chunk in response.aiter_raw():
+        yield first
+        with upstream_errors(lease.upstream.label, started=True):
+            async for chunk in chunks:
                 yield chunk
+    except UpstreamStreamBroken:
+        lease.failed()
+        raise
+    except asyncio.CancelledError as exc:
+        if exc.args[:1] and exc.args[0] in _TIMEOUT_REASONS:
+            lease.failed()
+        raise
     finally:
         await response.aclose()
+        lease.release()

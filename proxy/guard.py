@@ -113,4 +113,6 @@ class Guard:
     def _cancel(self, reason: Reason) -> None:
         if self.reason is None:
             self.reason = reason
-            self._task.cancel()
+            # The reason travels in the CancelledError: the forwarder counts an upstream that
+            # timed out against its circuit breaker, but not a client that went away.
+            self._task.cancel(reason)

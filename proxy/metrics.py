@@ -187,7 +187,7 @@ class ProxyMetrics:
         if isinstance(wait, int | float) and not isinstance(wait, bool) and wait >= 0:
             self.queue_wait.labels(model).observe(wait)
 
-    def _collect(self) -> Iterator[Family]:
+    def _collect(self) -> Iterator[Family[Any]]:
         """Gauges read from the live runtime at scrape time: no per-request cost."""
         in_flight = Gauge("vgate_requests_in_flight", "Completion requests being handled.")
         in_flight.labels().set(self.in_flight)
@@ -198,7 +198,7 @@ class ProxyMetrics:
         yield from _runtime_gauges(rt)
 
 
-def _runtime_gauges(rt: Runtime) -> Iterator[Family]:
+def _runtime_gauges(rt: Runtime) -> Iterator[Family[Any]]:
     up = ("model", "upstream")
     ready = Gauge("vgate_model_ready", "1 when some upstream of the model is healthy.", ("model",))
     healthy = Gauge("vgate_upstream_healthy", "1 healthy, 0 failing (absent: not probed yet).", up)

@@ -14,7 +14,7 @@ from collections.abc import Container
 from typing import Any
 
 from proxy.errors import Overloaded, RateLimited, ShuttingDown, UpstreamError, VgateError
-from proxy.logs import REQUEST_ID
+from proxy.logs import REQUEST_ID, request_record
 from proxy.metrics import ProxyMetrics
 from proxy.pipeline import ProxyRequest
 
@@ -129,4 +129,4 @@ class Observer:
                     fields.setdefault(name, value)
                 elif isinstance(value, str):
                     fields.setdefault(name, value[:_MAX_VALUE_CHARS])
-        self.log.info("request", extra={"fields": fields})
+        self.log.handle(request_record(self.log.name, "request", fields))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any, Generic, TypeVar
 
 LabelValues = tuple[object, ...]
 MAX_CHILDREN = 2000
@@ -46,7 +47,10 @@ def _labels(names: Sequence[str], values: Iterable[object], extra: str = "") -> 
     return "{" + ",".join(parts) + "}" if parts else ""
 
 
-class Family:
+C = TypeVar("C")
+
+
+class Family(Generic[C]):
     """Samples sharing a name, a type and label names; children are created once, then cached."""
 
     kind = "untyped"
@@ -62,22 +66,26 @@ class Family:
         self.help = help
         self.label_names = tuple(labels)
         self.max_children = max_children
-        self._children: dict[LabelValues, object] = {}
+        self._children: dict[LabelValues, C] = {}
 
-    def _new(self) -> object:
-        raise NotImplementedError
-
-    def _child(self, values: LabelValues) -> object:
+    def labels(self, *values: object) -> C:
+        """The child for these label values (in `labels` order), created on first use."""
         child = self._children.get(values)
-        if child is None:
-            if len(values) != len(self.label_names):
-                raise ValueError(f"{self.name}: expected labels {self.label_names}, got {values}")
-            if len(self._children) >= self.max_children:
-                values = ("other",) * len(self.label_names)
-                child = self._children.get(values)
-            if child is None:
-                child = self._children[values] = self._new()
+        return child if child is not None else self._create(values)
+
+    def _create(self, values: LabelValues) -> C:
+        if len(values) != len(self.label_names):
+            raise ValueError(f"{self.name}: expected labels {self.label_names}, got {values}")
+        if len(self._children) >= self.max_children:
+            values = ("other",) * len(self.label_names)
+            child = self._children.get(values)
+            if child is not None:
+                return child
+        child = self._children[values] = self._new()
         return child
+
+    def _new(self) -> C:
+        raise NotImplementedError
 
     def render(self, out: list[str]) -> None:
         out.append(f"# HELP {self.name} {self.help}")
@@ -85,12 +93,11 @@ class Family:
         for values, child in self._children.items():
             self._render_child(out, values, child)
 
-    def _render_child(self, out: list[str], values: LabelValues, child: object) -> None:
-        assert isinstance(child, _Value)
-        out.append(f"{self.name}{_labels(self.label_names, values)} {_number(child.value)}")
+    def _render_child(self, out: list[str], values: LabelValues, child: C) -> None:
+        raise NotImplementedError
 
 
-class _Value:
+class Value:
     __slots__ = ("value",)
 
     def __init__(self) -> None:
@@ -103,18 +110,16 @@ class _Value:
         self.value = value
 
 
-class Counter(Family):
+class Counter(Family[Value]):
     """A monotonically increasing total (name ends in `_total`)."""
 
     kind = "counter"
 
-    def _new(self) -> _Value:
-        return _Value()
+    def _new(self) -> Value:
+        return Value()
 
-    def labels(self, *values: object) -> _Value:
-        child = self._child(values)
-        assert isinstance(child, _Value)
-        return child
+    def _render_child(self, out: list[str], values: LabelValues, child: Value) -> None:
+        out.append(f"{self.name}{_labels(self.label_names, values)} {_number(child.value)}")
 
 
 class Gauge(Counter):
@@ -137,7 +142,7 @@ class HistogramChild:
         self.sum += value
 
 
-class Histogram(Family):
+class Histogram(Family[HistogramChild]):
     """Observations counted in fixed buckets (upper bounds, ascending; +Inf is implicit)."""
 
     kind = "histogram"
@@ -160,13 +165,7 @@ class Histogram(Family):
     def _new(self) -> HistogramChild:
         return HistogramChild(self.bounds)
 
-    def labels(self, *values: object) -> HistogramChild:
-        child = self._child(values)
-        assert isinstance(child, HistogramChild)
-        return child
-
-    def _render_child(self, out: list[str], values: LabelValues, child: object) -> None:
-        assert isinstance(child, HistogramChild)
+    def _render_child(self, out: list[str], values: LabelValues, child: HistogramChild) -> None:
         cumulative = 0
         for bound, count in zip((*self.bounds, math.inf), child.counts, strict=True):
             cumulative += count
@@ -177,17 +176,17 @@ class Histogram(Family):
         out.append(f"{self.name}_count{labels} {cumulative}")
 
 
-Collector = Callable[[], Iterable[Family]]
+Collector = Callable[[], Iterable[Family[Any]]]
 
 
 class Registry:
     """Families updated as things happen, plus collectors that build families at scrape time."""
 
     def __init__(self) -> None:
-        self._families: dict[str, Family] = {}
+        self._families: dict[str, Family[Any]] = {}
         self._collectors: list[Collector] = []
 
-    def add(self, family: Family) -> None:
+    def add(self, family: Family[Any]) -> None:
         if family.name in self._families:
             raise ValueError(f"metric {family.name} is registered twice")
         self._families[family.name] = family

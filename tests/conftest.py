@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -9,6 +10,10 @@ import pytest
 
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM
+
+# One real vLLM per session for every directory: a fixture imported into two conftest files
+# would be two fixtures, and two engines on the shared core.
+pytest_plugins = ["tests.vllm_fixtures"]
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +48,10 @@ def proxy(fake: FakeVLLM) -> Iterator[ProxyFactory]:
     Every proxy started is stopped at teardown.
     """
     started: list[ProxyServer] = []
+    # The proxy, the fake and the test's client are three busy threads of one process: at the
+    # default 5 ms GIL switch interval each hop between them can wait that long.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(0.0005)
 
     def start(
         target: FakeVLLM | str | None = None,
@@ -57,6 +66,9 @@ def proxy(fake: FakeVLLM) -> Iterator[ProxyFactory]:
         started.append(server)
         return server.base_url
 
-    yield start
-    for server in started:
-        server.stop()
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()
+        sys.setswitchinterval(interval)

@@ -1,5 +1,1 @@
-"""Engine fixtures for this directory (a root `pytest_plugins` entry would share them wider)."""
-
-from tests.vllm_fixtures import tiny_model_dir, vllm_server
-
-__all__ = ["tiny_model_dir", "vllm_server"]
+"""Engine fixtures come from the root conftest (`pytest_plugins`): one vLLM per session."""

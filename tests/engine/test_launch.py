@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import replace
+from typing import Any
 
 import pytest
 
@@ -15,7 +16,7 @@ from proxy.settings import ConfigError
 MODULE = ["-m", "vllm.entrypoints.openai.api_server"]
 
 
-def gpu(**fields: object) -> EngineConfig:
+def gpu(**fields: Any) -> EngineConfig:
     return replace(EngineConfig(model="/models/llama", python="/opt/vllm/bin/python"), **fields)
 
 
@@ -48,7 +49,7 @@ def test_minimal_gpu_engine() -> None:
         ({"enforce_eager": True}, ["--enforce-eager"]),
     ],
 )
-def test_gpu_flags(fields: dict[str, object], expected: list[str]) -> None:
+def test_gpu_flags(fields: dict[str, Any], expected: list[str]) -> None:
     argv = launch.build("llama", gpu(**fields)).argv
     start = argv.index(expected[0])
     assert argv[start : start + len(expected)] == expected

@@ -20,6 +20,9 @@ fields untouched), merged over the server-wide `FakeVLLM.defaults`:
     error_event_after       stream: after N events, an error event then [DONE] (as vLLM does)
     split                   stream: "every_byte", a piece size, or a list of byte offsets;
     split_delay             the body is sent in those pieces with this delay between them
+    fail_first, fail_with   the first `fail_first` requests with the same X-Request-ID get the
+                            faults in `fail_with` (default {"status": 502}) merged in: an
+                            upstream that fails once, then works (what retries are for)
 
 What it saw is recorded for assertions (thread-safe): `connections`, `requests`, `cancelled`
 (responses the client abandoned before they were complete), `inflight` and `max_inflight`.
@@ -38,6 +41,7 @@ import socket
 import struct
 import threading
 import time
+import typing
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +114,7 @@ class Record:
     cancelled: list[Cancelled] = field(default_factory=list)
     inflight: int = 0
     max_inflight: int = 0
+    heads_sent: int = 0  # completion responses whose status line and headers were sent
 
 
 class FakeVLLM:
@@ -135,6 +140,8 @@ class FakeVLLM:
         # Like uvicorn (vLLM's server): an idle keep-alive connection is closed after 5 s.
         self.keepalive_timeout = keepalive_timeout
         self.defaults: dict[str, Any] = dict(defaults or {})
+        # What /metrics reports as KV-cache usage (0..1): set it to exercise load shedding.
+        self.kv_cache_usage = 0.0
         self.record_requests = record
         self.seen = Record()
         self._cond = threading.Condition()
@@ -143,6 +150,7 @@ class FakeVLLM:
         self._thread: threading.Thread | None = None
         self._protocols: set[_Connection] = set()
         self._created = int(time.time())
+        self._attempts: dict[str, int] = {}  # X-Request-ID -> requests seen (fail_first)
 
     # -- lifecycle ------------------------------------------------------------------------
     @property
@@ -239,6 +247,8 @@ class FakeVLLM:
         with self._cond:
             self.seen = Record(inflight=self.seen.inflight)
             self.defaults = {}
+            self._attempts = {}
+            self.kv_cache_usage = 0.0
 
     # -- answers --------------------------------------------------------------------------
     def models_body(self) -> bytes:
@@ -271,7 +281,7 @@ class FakeVLLM:
             "# TYPE vllm:num_requests_waiting gauge",
             f"vllm:num_requests_waiting{{{labels}}} 0.0",
             "# TYPE vllm:kv_cache_usage_perc gauge",
-            f"vllm:kv_cache_usage_perc{{{labels}}} {min(running * 0.01, 1.0)}",
+            f"vllm:kv_cache_usage_perc{{{labels}}} {self.kv_cache_usage}",
             "# TYPE vllm:prompt_tokens_total counter",
             f"vllm:prompt_tokens_total{{{labels}}} 0.0",
             "# TYPE vllm:generation_tokens_total counter",
@@ -417,8 +427,8 @@ class _Connection(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A cast, not an isinstance check: uvloop's transports do not subclass asyncio's.
+        self.transport = typing.cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
         if sock is not None:
             with contextlib.suppress(OSError):
@@ -554,6 +564,12 @@ class _Connection(asyncio.Protocol):
         if not self.keep_alive:
             lines.append("connection: close")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        if self.response is not None and self.response.counted:
+
+            def sent(r: Record) -> None:
+                r.heads_sent += 1
+
+            self.fake._update(sent)
 
     def _simple(
         self, status: int, body: bytes, ctype: str = "application/json", close: bool = False
@@ -623,6 +639,12 @@ class _Connection(asyncio.Protocol):
     async def _complete(self, seen: Seen, body: dict[str, Any]) -> None:
         fault = {**self.fake.defaults, **(body.get("fake") or {})}
         chat = seen.path == "/v1/chat/completions"
+        if fault.get("fail_first"):
+            rid = seen.headers.get("x-request-id", "")
+            with self.fake._cond:
+                count = self.fake._attempts[rid] = self.fake._attempts.get(rid, 0) + 1
+            if count <= fault["fail_first"]:
+                fault = {**fault, **fault.get("fail_with", {"status": 502})}
         if fault.get("never_answer"):
             await asyncio.Future()  # until the client goes away (connection_lost cancels us)
         delay = fault.get("first_byte_delay")

@@ -28,9 +28,7 @@ def scrape(server: ProxyServer) -> dict[tuple[str, Labels], float]:
     response = httpx.get(admin_url(server) + "/metrics", timeout=5.0)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
-    return {
-        (s.name, frozenset(s.labels.items())): s.value for s in prometheus.parse(response.text)
-    }
+    return {(s.name, frozenset(s.labels.items())): s.value for s in prometheus.parse(response.text)}
 
 
 def value(samples: dict[tuple[str, Labels], float], name: str, **labels: str) -> float | None:

@@ -1,0 +1,412 @@
+"""Benchmark vgate against the direct path to a fake vLLM, on two cores.
+
+Method (bench/README.md): the fake upstream (`tests/fakes/vllm.py`, a bare asyncio protocol) and
+this closed-loop load generator share core 0; `vgate serve` runs alone on core 1. Every figure is
+measured for the direct path (client -> fake) and through the proxy in the same run. The
+steadiest figure on a shared machine is the proxy's CPU time per request (utime+stime from
+/proc/PID/stat), so it is reported beside the wall-clock ones.
+
+    .venv/bin/python bench/proxy_bench.py            # ~1 minute
+    .venv/bin/python bench/proxy_bench.py --quick    # a smoke run of a few seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aiohttp
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+VGATE = Path(sys.executable).parent / "vgate"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+TARGETS = {
+    "rps": 4000.0,  # non-streaming req/s at c=16
+    "events": 100_000.0,  # SSE events/s at 16 streams of 64 tokens
+    "added_p50_ms": 0.4,  # at c=1
+    "cpu_ms": 0.25,  # proxy CPU per non-streaming request
+    "rss_mb": 80.0,
+}
+
+CHAT = orjson.dumps(
+    {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}
+)
+STREAM = orjson.dumps(
+    {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "Say hello"}],
+        "max_tokens": 64,
+        "stream": True,
+    }
+)
+HEADERS = {"content-type": "application/json"}
+DONE = b"data: [DONE]\n\n"
+
+
+# -- processes -----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+def wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {port}")
+
+
+@contextmanager
+def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    # Logs go to a file, as they would to journald: written, but not onto this terminal.
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=out, start_new_session=True)
+    try:
+        wait_port(port, proc)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+
+
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as fh:
+        return int(fh.read().split()[1]) * PAGE / 2**20
+
+
+# -- load ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    seconds: float = 0.0
+    latencies: list[float] = field(default_factory=list)  # seconds
+    ttfts: list[float] = field(default_factory=list)
+    statuses: Counter[str] = field(default_factory=Counter)
+    events: int = 0
+    incomplete: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.latencies)
+
+    def pct(self, values: list[float], q: float) -> float:
+        if not values:
+            return float("nan")
+        ordered = sorted(values)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
+
+
+async def one_whole(session: aiohttp.ClientSession, url: str, run: Run) -> None:
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=CHAT, headers=HEADERS) as r:
+            await r.read()
+            status = str(r.status)
+    except aiohttp.ClientError as exc:
+        status = type(exc).__name__
+    run.latencies.append(time.perf_counter() - start)
+    run.statuses[status] += 1
+
+
+async def one_stream(session: aiohttp.ClientSession, url: str, run: Run) -> None:
+    start = time.perf_counter()
+    first = None
+    events = 0
+    tail = b""
+    try:
+        async with session.post(url, data=STREAM, headers=HEADERS) as r:
+            status = str(r.status)
+            async for chunk in r.content.iter_any():
+                if first is None:
+                    first = time.perf_counter() - start
+                # Events end at a blank line; one may straddle two reads.
+                events += (tail[-1:] + chunk).count(b"\n\n")
+                tail = (tail + chunk)[-len(DONE) :]
+    except aiohttp.ClientError as exc:
+        status = type(exc).__name__
+    run.latencies.append(time.perf_counter() - start)
+    run.statuses[status] += 1
+    run.events += events
+    if first is not None:
+        run.ttfts.append(first)
+    if tail != DONE:
+        run.incomplete += 1
+
+
+async def closed_loop(
+    url: str, concurrency: int, *, stream: bool, seconds: float = 0.0, per_worker: int = 0
+) -> Run:
+    """`concurrency` workers, each sending its next request as soon as the last one ended."""
+    run = Run()
+    one = one_stream if stream else one_whole
+    connector = aiohttp.TCPConnector(limit=concurrency, keepalive_timeout=30)
+    async with aiohttp.ClientSession(connector=connector) as session:
+        start = time.perf_counter()
+        deadline = start + seconds
+
+        async def worker() -> None:
+            done = 0
+            while (per_worker and done < per_worker) or (
+                not per_worker and time.perf_counter() < deadline
+            ):
+                await one(session, url, run)
+                done += 1
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+# -- the run ---------------------------------------------------------------------------------
+
+
+@dataclass
+class PathResult:
+    c1: Run
+    c16: Run
+    streams: Run
+    ttft: Run
+    cpu_ms: float | None = None
+    cpu_ms_stream_event: float | None = None
+    rss: float | None = None
+
+
+async def measure(base: str, pid: int | None, seconds: float, latency_n: int) -> PathResult:
+    chat = f"{base}/v1/chat/completions"
+    await closed_loop(chat, 16, stream=False, per_worker=50)  # warm up pools and caches
+    c1 = await closed_loop(chat, 1, stream=False, per_worker=latency_n)
+    cpu0 = cpu_seconds(pid) if pid else 0.0
+    c16 = await closed_loop(chat, 16, stream=False, seconds=seconds)
+    cpu1 = cpu_seconds(pid) if pid else 0.0
+    streams = await closed_loop(chat, 16, stream=True, seconds=seconds)
+    cpu2 = cpu_seconds(pid) if pid else 0.0
+    ttft = await closed_loop(chat, 128, stream=True, per_worker=3)
+    result = PathResult(c1, c16, streams, ttft)
+    if pid:
+        result.cpu_ms = (cpu1 - cpu0) * 1000 / max(c16.count, 1)
+        result.cpu_ms_stream_event = (cpu2 - cpu1) * 1000 / max(streams.events, 1)
+        result.rss = rss_mb(pid)
+    return result
+
+
+def write_config(directory: str, port: int, fake_port: int, request_log: bool) -> Path:
+    path = Path(directory) / "bench.toml"
+    path.write_text(
+        f"""[server]
+host = "127.0.0.1"
+port = {port}
+
+[logging]
+requests = {str(request_log).lower()}
+
+[upstream]
+health_interval = 60.0
+metrics_interval = 60.0
+
+[models.tiny]
+upstreams = ["http://127.0.0.1:{fake_port}"]
+"""
+    )
+    return path
+
+
+def us(ms: float | None) -> float | None:
+    return None if ms is None else ms * 1000
+
+
+def fmt(value: float | None, spec: str = ",.0f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def report(direct: PathResult, proxy: PathResult, load: tuple[str, str]) -> None:
+    def rps(r: Run) -> float:
+        return r.count / r.seconds
+
+    def eps(r: Run) -> float:
+        return r.events / r.seconds
+
+    added = proxy.c1.pct(proxy.c1.latencies, 0.5) - direct.c1.pct(direct.c1.latencies, 0.5)
+    rows = [
+        (
+            "non-streaming req/s, c=16",
+            fmt(rps(direct.c16)),
+            fmt(rps(proxy.c16)),
+            f">= {TARGETS['rps']:,.0f}",
+            rps(proxy.c16) >= TARGETS["rps"],
+        ),
+        (
+            "latency p50 ms, c=1",
+            fmt(direct.c1.pct(direct.c1.latencies, 0.5), ".3f"),
+            fmt(proxy.c1.pct(proxy.c1.latencies, 0.5), ".3f"),
+            "",
+            None,
+        ),
+        (
+            "latency p90 ms, c=1",
+            fmt(direct.c1.pct(direct.c1.latencies, 0.9), ".3f"),
+            fmt(proxy.c1.pct(proxy.c1.latencies, 0.9), ".3f"),
+            "",
+            None,
+        ),
+        (
+            "latency p99 ms, c=1",
+            fmt(direct.c1.pct(direct.c1.latencies, 0.99), ".3f"),
+            fmt(proxy.c1.pct(proxy.c1.latencies, 0.99), ".3f"),
+            "",
+            None,
+        ),
+        (
+            "added p50 ms, c=1",
+            "",
+            fmt(added, ".3f"),
+            f"<= {TARGETS['added_p50_ms']}",
+            added <= TARGETS["added_p50_ms"],
+        ),
+        (
+            "server CPU ms / request (fake | vgate)",
+            fmt(direct.cpu_ms, ".3f"),
+            fmt(proxy.cpu_ms, ".3f"),
+            f"<= {TARGETS['cpu_ms']}",
+            proxy.cpu_ms is not None and proxy.cpu_ms <= TARGETS["cpu_ms"],
+        ),
+        (
+            "SSE events/s, 16 streams x 64 tok",
+            fmt(eps(direct.streams)),
+            fmt(eps(proxy.streams)),
+            f">= {TARGETS['events']:,.0f}",
+            eps(proxy.streams) >= TARGETS["events"],
+        ),
+        (
+            "server CPU us / SSE event (fake | vgate)",
+            fmt(us(direct.cpu_ms_stream_event), ".2f"),
+            fmt(us(proxy.cpu_ms_stream_event), ".2f"),
+            "",
+            None,
+        ),
+        (
+            "TTFT p50 ms, c=128 streams",
+            fmt(direct.ttft.pct(direct.ttft.ttfts, 0.5), ".1f"),
+            fmt(proxy.ttft.pct(proxy.ttft.ttfts, 0.5), ".1f"),
+            "",
+            None,
+        ),
+        (
+            "proxy RSS MB (after the run)",
+            fmt(direct.rss, ".1f"),
+            fmt(proxy.rss, ".1f"),
+            f"< {TARGETS['rss_mb']:.0f}",
+            proxy.rss is not None and proxy.rss < TARGETS["rss_mb"],
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print()
+    print(f"{'':{width}}  {'direct':>10}  {'vgate':>10}  {'target':>10}")
+    for name, d, p, target, ok in rows:
+        mark = "" if ok is None else ("  ok" if ok else "  MISSED")
+        print(f"{name:{width}}  {d:>10}  {p:>10}  {target:>10}{mark}")
+    print()
+    for label, result in (("direct", direct), ("vgate", proxy)):
+        statuses: Counter[str] = Counter()
+        incomplete = 0
+        for r in (result.c1, result.c16, result.streams, result.ttft):
+            statuses += r.statuses
+            incomplete += r.incomplete if r in (result.streams, result.ttft) else 0
+        print(f"{label:>6}: responses by status {dict(statuses)}; incomplete streams {incomplete}")
+    print(f"load average before/after: {load[0]} / {load[1]}")
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as fh:
+        return " ".join(fh.read().split()[:3])
+
+
+async def main_async(args: argparse.Namespace) -> None:
+    fake_port, proxy_port = free_port(), free_port()
+    fake_cmd = [sys.executable, "-m", "tests.fakes.vllm", "--port", str(fake_port)]
+    load_before = loadavg()
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = write_config(tmp, proxy_port, fake_port, not args.no_request_log)
+        proxy_cmd = [str(VGATE), "serve", "--config", str(cfg)]
+        logs = Path(tmp)
+        with (
+            process(["taskset", "-c", "0", *fake_cmd], fake_port, logs / "fake.log") as fake,
+            process(["taskset", "-c", "1", *proxy_cmd], proxy_port, logs / "vgate.log") as proxy,
+        ):
+            print(
+                f"fake upstream on core 0 (port {fake_port}); vgate on core 1 (pid {proxy.pid}); "
+                f"request log {'off' if args.no_request_log else 'on'}"
+            )
+            print("direct path ...", flush=True)
+            # Direct: the CPU metered is the fake's, a floor for "a minimal server on this
+            # machine's loopback" to compare the proxy's against.
+            direct = await measure(
+                f"http://127.0.0.1:{fake_port}", fake.pid, args.seconds, args.latency_requests
+            )
+            print("through vgate ...", flush=True)
+            via = await measure(
+                f"http://127.0.0.1:{proxy_port}", proxy.pid, args.seconds, args.latency_requests
+            )
+    report(direct, via, (load_before, loadavg()))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--seconds", type=float, default=5.0, help="per throughput phase")
+    p.add_argument("--latency-requests", type=int, default=2000, help="sequential, c=1")
+    p.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    p.add_argument(
+        "--no-request-log", action="store_true", help="run vgate with logging.requests = false"
+    )
+    args = p.parse_args()
+    if args.quick:
+        args.seconds, args.latency_requests = 1.0, 200
+    # The load generator shares core 0 with the fake upstream; the proxy has core 1 alone.
+    os.sched_setaffinity(0, {0})
+    try:
+        import uvloop
+
+        uvloop.run(main_async(args))
+    except ImportError:
+        asyncio.run(main_async(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""Fit the prompt into the model's context window before the request leaves the proxy.
+
+The budget is `max_model_len - margin - max_tokens` (`min_output_tokens` when the request sets
+no max_tokens). Counting is exact: the engine's own `/tokenize` with its chat template. Most
+requests skip counting: with byte-level BPE every token covers at least one byte of text
+except special tokens, so `UTF-8 bytes of the messages + a per-message overhead + the template's
+fixed tokens` (measured once per upstream by tokenizing an empty conversation) is an upper
+bound, and a prompt under it fits.
+
+A prompt that does not fit is, per `strategy`: rejected (400 `context_length_exceeded` with the
+counts), or shortened by dropping whole turns (a user message and the replies and tool results
+that follow it, so roles still alternate), oldest first (`drop_oldest`) or from the middle out
+(`middle_out`). System messages and the last user turn are always kept. A binary search over how
+many turns to drop keeps `/tokenize` calls to about log2(turns) + 2. With `clamp_max_tokens`,
+max_tokens is lowered first (down to `min_output_tokens`) before any turn is dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+from engine import tokens
+from policies.text import chat_bytes, utf8_len
+from proxy.errors import ContextLengthExceeded, UpstreamError
+from proxy.forward import ModelRoute, Upstream
+from proxy.pipeline import Handler, ProxyRequest, ProxyResponse
+from proxy.settings import check, non_negative, positive
+
+if TYPE_CHECKING:
+    import httpx
+
+    from proxy.config import Config
+    from proxy.runtime import Services
+
+log = logging.getLogger("vgate.truncate")
+Message = dict[str, Any]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TruncateSettings:
+    strategy: Literal["drop_oldest", "middle_out", "reject"] = "drop_oldest"
+    margin: int = check(non_negative, 0)  # tokens kept free beyond prompt + max_tokens
+    # Output room reserved when the request has no max_tokens; the floor for clamping.
+    min_output_tokens: int = check(positive, 16)
+    clamp_max_tokens: bool = False
+    # A smaller window than the engine's (the smaller of the two applies).
+    max_model_len: int | None = check(lambda v: None if v is None else positive(v), None)
+    # Template tokens per message beyond its role and text (<|im_start|>, newlines ...).
+    per_message_overhead: int = check(non_negative, 8)
+    tokenize_timeout: float = check(positive, 5.0)
+
+
+class _Counter:
+    """Exact counts for one request from one upstream (tools and template kwargs included)."""
+
+    def __init__(
+        self, client: httpx.AsyncClient, upstream: Upstream, body: Message, api_key: str | None
+    ) -> None:
+        self.client, self.upstream, self.api_key = client, upstream, api_key
+        self.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
+        kwargs = body.get("chat_template_kwargs")
+        self.kwargs = kwargs if isinstance(kwargs, dict) else None
+        self.calls = 0
+        self.window: int | None = None
+
+    async def chat(self, messages: Sequence[Message], limit: float) -> int:
+        self.calls += 1
+        result = await tokens.count_chat(
+            self.client,
+            self.upstream.base_url,
+            self.upstream.served_name,
+            messages,
+            tools=self.tools,
+            chat_template_kwargs=self.kwargs,
+            api_key=self.api_key,
+            request_timeout=limit,
+        )
+        self.window = self.window or result.max_model_len
+        return result.count
+
+    async def prompt(self, prompt: str, limit: float) -> int:
+        self.calls += 1
+        result = await tokens.count_prompt(
+            self.client,
+            self.upstream.base_url,
+            self.upstream.served_name,
+            prompt,
+            api_key=self.api_key,
+            request_timeout=limit,
+        )
+        self.window = self.window or result.max_model_len
+        return result.count
+
+
+class TruncatePolicy:
+    settings_class: ClassVar[type[Any]] = TruncateSettings
+    model_overrides: ClassVar[frozenset[str] | None] = None
+
+    def __init__(self, settings: TruncateSettings, model: str | None, services: Services) -> None:
+        self._s = settings
+        self._route: ModelRoute | None = services.routes.get(model) if model else None
+        self._client = services.client
+        self._api_key = services.config.upstream.api_key
+        # Tokens of the template around an empty conversation / prompt, per upstream.
+        self._fixed: dict[tuple[str, str, str], int] = {}
+
+    @classmethod
+    def problems(cls, settings: TruncateSettings, config: Config) -> list[str]:
+        return []
+
+    async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
+        if self._route is not None:
+            try:
+                if request.route == "chat/completions":
+                    await self._fit_chat(request, self._route)
+                else:
+                    await self._fit_prompt(request, self._route)
+            except ContextLengthExceeded:
+                raise
+            except UpstreamError as exc:
+                # Cannot count: the engine decides (its own 400 is better than a guess).
+                log.info("request %s not checked for length: %s", request.request_id, exc.message)
+                request.outcome["truncate"] = "not_counted"
+        return await call_next(request)
+
+    def _window(self, route: ModelRoute) -> int | None:
+        known = [u.monitor.max_model_len for u in route.upstreams if u.monitor.max_model_len]
+        engine = min(known) if known else None
+        mine = self._s.max_model_len
+        return min(engine, mine) if engine and mine else engine or mine
+
+    def _output(self, request: ProxyRequest) -> tuple[int, int]:
+        """(tokens to reserve for the output, the least we may reserve after clamping)."""
+        want = request.max_tokens
+        need = want if want is not None else self._s.min_output_tokens
+        least = min(need, self._s.min_output_tokens) if self._s.clamp_max_tokens else need
+        return need, least
+
+    async def _fit_chat(self, request: ProxyRequest, route: ModelRoute) -> None:
+        s = self._s
+        messages: list[Message] = request.body["messages"]
+        need, least = self._output(request)
+        upstream = route.pick()
+        fixed_key = (upstream.base_url, upstream.served_name, "chat")
+        window = self._window(route)
+        fixed = self._fixed.get(fixed_key)
+        if window is not None and fixed is not None:
+            size = chat_bytes(messages, s.per_message_overhead)
+            if size is not None and size + fixed + need + s.margin <= window:
+                return
+        counter = _Counter(self._client, upstream, request.body, self._api_key)
+        total = await counter.chat(messages, s.tokenize_timeout)
+        window = window or counter.window
+        if fixed is None:
+            empty = [{"role": "user", "content": ""}]
+            self._fixed[fixed_key] = await counter.chat(empty, s.tokenize_timeout)
+        if window is None:
+            return
+        room = window - s.margin
+        if total + least > room and s.strategy != "reject":
+            messages, total = await self._drop(request, messages, counter, window, least, total)
+        elif total + least > room:
+            raise _exceeded(window, total, need, "messages")
+        self._finish(request, total, need, room)
+
+    async def _drop(
+        self,
+        request: ProxyRequest,
+        messages: list[Message],
+        counter: _Counter,
+        window: int,
+        least: int,
+        total: int,
+    ) -> tuple[list[Message], int]:
+        """The fewest turns dropped (strategy order) that fit the window, and the count."""
+        budget = window - self._s.margin - least
+        units = _turns(messages)
+        if self._s.strategy == "middle_out":
+            # Nested middle-out order: dropping k turns always removes a contiguous middle.
+            center = (len(units) - 1) / 2
+            order = sorted(range(len(units)), key=lambda i: abs(i - center))
+            units = [units[i] for i in order]
+        counts: dict[int, int] = {}
+
+        async def fits(k: int) -> bool:
+            gone = {i for unit in units[:k] for i in unit}
+            kept = [m for i, m in enumerate(messages) if i not in gone]
+            counts[k] = await counter.chat(kept, self._s.tokenize_timeout)
+            return counts[k] <= budget
+
+        if not units or not await fits(len(units)):
+            kept_tokens = counts.get(len(units), total)  # nothing droppable: all is the last turn
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {window} tokens. However, even after "
+                f"dropping every earlier turn you requested {kept_tokens + least} tokens "
+                f"({kept_tokens} in the system messages and the last user turn, {least} for "
+                "the completion). "
+                "Please reduce the length of the last message or the completion.",
+                param="messages",
+            )
+        lo, hi = 1, len(units)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if await fits(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+        gone = {i for unit in units[:lo] for i in unit}
+        request.body["messages"] = kept = [m for i, m in enumerate(messages) if i not in gone]
+        request.outcome["truncated"] = len(gone)
+        request.outcome["tokenize_calls"] = counter.calls
+        request.response_headers["x-vgate-truncated"] = str(len(gone))
+        return kept, counts[lo]
+
+    async def _fit_prompt(self, request: ProxyRequest, route: ModelRoute) -> None:
+        """Completions: a prompt cannot be shortened safely, so reject or clamp max_tokens."""
+        s = self._s
+        prompt = request.body.get("prompt")
+        need, least = self._output(request)
+        window = self._window(route)
+        if isinstance(prompt, list) and all(
+            isinstance(t, int) and not isinstance(t, bool) for t in prompt
+        ):
+            total = len(prompt)
+        elif isinstance(prompt, str):
+            upstream = route.pick()
+            fixed_key = (upstream.base_url, upstream.served_name, "prompt")
+            fixed = self._fixed.get(fixed_key)
+            if (
+                window is not None
+                and fixed is not None
+                and utf8_len(prompt) + fixed + s.per_message_overhead + need + s.margin <= window
+            ):
+                return
+            counter = _Counter(self._client, upstream, request.body, self._api_key)
+            total = await counter.prompt(prompt, s.tokenize_timeout)
+            window = window or counter.window
+            if fixed is None:
+                self._fixed[fixed_key] = await counter.prompt("", s.tokenize_timeout)
+        else:
+            return  # a batch of prompts: the engine checks each one
+        if window is None:
+            return
+        room = window - s.margin
+        if total + least > room:
+            raise _exceeded(window, total, need, "prompt")
+        self._finish(request, total, need, room)
+
+    def _finish(self, request: ProxyRequest, total: int, need: int, room: int) -> None:
+        request.outcome["prompt_tokens"] = total
+        if total + need > room:
+            # Only reachable with clamp_max_tokens: the output gets what is left.
+            clamped = room - total
+            field = (
+                "max_completion_tokens" if "max_completion_tokens" in request.body else "max_tokens"
+            )
+            request.body[field] = clamped
+            request.outcome["max_tokens_clamped"] = clamped
+            request.response_headers["x-vgate-max-tokens-clamped"] = str(clamped)
+
+
+def _exceeded(window: int, total: int, need: int, param: str) -> ContextLengthExceeded:
+    return ContextLengthExceeded(
+        f"This model's maximum context length is {window} tokens. However, you requested "
+        f"{total + need} tokens ({total} in the {param}, {need} for the completion). "
+        f"Please reduce the length of the {param} or the completion.",
+        param=param,
+    )
+
+
+def _turns(messages: Sequence[Message]) -> list[list[int]]:
+    """Indexes of droppable messages grouped in turns, oldest first.
+
+    Protected: system messages, and everything from the last user message on. A turn starts at
+    a user message and holds what follows it up to the next one (assistant replies, tool calls
+    and their results stay together).
+    """
+    last_user = max(
+        (i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1
+    )
+    units: list[list[int]] = []
+    for i in range(last_user):
+        role = messages[i].get("role")
+        if role in ("system", "developer"):
+            continue
+        if role == "user" or not units:
+            units.append([])
+        units[-1].append(i)
+    return units

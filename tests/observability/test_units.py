@@ -1,0 +1,139 @@
+"""Config checks, log formatting and outcome classification, without a server."""
+
+from __future__ import annotations
+
+import logging
+import logging.config
+import sys
+from typing import Any
+
+import orjson
+import pytest
+
+from proxy import config as config_module
+from proxy.config import LoggingConfig
+from proxy.errors import (
+    InvalidRequest,
+    Overloaded,
+    RateLimited,
+    ShuttingDown,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    VgateError,
+)
+from proxy.logs import REQUEST_ID, JsonFormatter, TextFormatter, dict_config
+from proxy.metrics import OUTCOMES, reason_label, upstream_label
+from proxy.observe import classify
+from proxy.settings import ConfigError
+
+
+def _config(**sections: Any) -> config_module.Config:
+    data = {"models": {"tiny": {"upstreams": ["http://127.0.0.1:9"]}}, **sections}
+    return config_module.from_dict(data, "vgate.toml")
+
+
+def test_admin_is_off_and_loopback_by_default() -> None:
+    cfg = _config()
+    assert cfg.admin.enabled is False and cfg.admin.host == "127.0.0.1"
+    assert cfg.logging == LoggingConfig(level="info", format="json", requests=True)
+
+
+def test_public_admin_bind_is_refused_unless_deliberate() -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(admin={"enabled": True, "host": "0.0.0.0"})
+    assert info.value.source == "vgate.toml"
+    assert info.value.problems[0].startswith("admin.host: '0.0.0.0' is not a loopback address")
+    assert _config(admin={"enabled": True, "host": "0.0.0.0", "allow_public": True}).admin.host
+    # Disabled, the host is not used: nothing to refuse.
+    assert not _config(admin={"host": "0.0.0.0"}).admin.enabled
+
+
+@pytest.mark.parametrize(
+    ("sections", "problem"),
+    [
+        ({"admin": {"enabled": True, "port": 8080}}, "admin.port: 8080 is the main listener's"),
+        ({"admin": {"port": 70000}}, "admin.port: must be a port number or 0"),
+        ({"logging": {"level": "loud"}}, "logging.level: must be one of 'debug', 'info'"),
+        ({"logging": {"format": "xml"}}, "logging.format: must be one of 'json', 'text'"),
+        ({"logging": {"requests": "yes"}}, "logging.requests: must be a boolean"),
+    ],
+)
+def test_bad_sections_name_the_key(sections: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        _config(**sections)
+    assert any(p.startswith(problem) for p in info.value.problems), info.value.problems
+
+
+def _record(**fields: Any) -> logging.LogRecord:
+    record = logging.LogRecord("vgate.t", logging.WARNING, __file__, 1, "hello", (), None)
+    record.fields = fields
+    return record
+
+
+def test_json_lines_carry_the_request_id_of_the_context() -> None:
+    token = REQUEST_ID.set("rid-1")
+    try:
+        line = orjson.loads(JsonFormatter().format(_record(status=200, msg="shadowed")))
+    finally:
+        REQUEST_ID.reset(token)
+    assert line["request_id"] == "rid-1" and line["level"] == "warning"
+    assert line["msg"] == "hello" and line["status"] == 200  # fields never replace the base
+    assert line["ts"].endswith("Z") and line["logger"] == "vgate.t"
+    assert "request_id" not in orjson.loads(JsonFormatter().format(_record()))
+
+
+def test_exceptions_and_text_format() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        record = logging.LogRecord("vgate.t", logging.ERROR, __file__, 1, "x", (), sys.exc_info())
+    assert "ValueError: boom" in orjson.loads(JsonFormatter().format(record))["exc"]
+    text = TextFormatter().format(_record(status=200, model=None))
+    assert text.endswith("WARNING vgate.t: hello status=200")
+
+
+def test_dict_config_applies_level_and_format() -> None:
+    logging.config.dictConfig(dict_config(LoggingConfig(level="warning", format="text")))
+    vgate = logging.getLogger("vgate")
+    assert vgate.level == logging.WARNING and not vgate.propagate
+    assert isinstance(vgate.handlers[0].formatter, TextFormatter)
+    logging.config.dictConfig(dict_config(LoggingConfig()))
+    assert isinstance(logging.getLogger("uvicorn").handlers[0].formatter, JsonFormatter)
+
+
+@pytest.mark.parametrize(
+    ("status", "error", "cancelled", "started", "details", "outcome"),
+    [
+        (200, None, False, False, {}, "ok"),
+        (200, None, False, True, {"retries": 1}, "ok"),
+        (400, InvalidRequest("x"), False, False, {}, "client_error"),
+        (404, None, False, False, {}, "client_error"),
+        (429, RateLimited("x"), False, False, {}, "rate_limited"),
+        (429, Overloaded("x"), False, False, {"shed": "queue_full"}, "shed"),
+        (503, Overloaded("x"), False, False, {}, "shed"),
+        (504, UpstreamTimeout("x"), False, False, {}, "upstream_error"),
+        (200, UpstreamStreamBroken("x"), False, True, {}, "stream_failed"),
+        (200, UpstreamTimeout("x"), False, True, {}, "stream_failed"),
+        (499, None, True, False, {}, "cancelled"),
+        (200, None, True, True, {}, "cancelled"),
+        (503, ShuttingDown("x"), False, False, {}, "shutdown"),
+        (500, VgateError("x"), False, False, {}, "server_error"),
+    ],
+)
+def test_classify(
+    status: int,
+    error: VgateError | None,
+    cancelled: bool,
+    started: bool,
+    details: dict[str, Any],
+    outcome: str,
+) -> None:
+    assert classify(status, error, cancelled, started, details) == outcome
+    assert outcome in OUTCOMES
+
+
+def test_labels_from_outcomes_are_bounded() -> None:
+    assert reason_label("queue_full") == "queue_full"
+    assert reason_label("has space") == "other" and reason_label("x" * 65) == "other"
+    assert reason_label(3) == "other" and reason_label(None) == "other"
+    assert upstream_label("engine:a tiny") == "engine:a" and upstream_label(None) == "none"

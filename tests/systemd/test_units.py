@@ -1,0 +1,87 @@
+"""The rendered units pass `systemd-analyze verify` silently and the proxy scores <= 2.0."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from proxy.installer import UNITS, Installer, Layout
+
+pytestmark = [
+    pytest.mark.systemd,
+    pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze"),
+]
+
+
+@pytest.fixture
+def rendered(tmp_path: Path) -> Path:
+    """Units rendered by the installer (`--root`), with a prefix whose bin/vgate exists."""
+    prefix = tmp_path / "prefix"
+    (prefix / "bin").mkdir(parents=True)
+    exe = prefix / "bin" / "vgate"
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    layout = Layout(tmp_path / "root", prefix=str(prefix))
+    Installer(layout, say=lambda _: None).install()
+    return layout.at(layout.unit_dir)
+
+
+def test_render_fills_every_placeholder(rendered: Path) -> None:
+    for name in UNITS:
+        text = (rendered / name).read_text()
+        assert not re.search(r"@[A-Z_]+@", text), name
+        assert "/bin/vgate" in text or name.endswith(".target")
+
+
+def test_verify_prints_nothing(rendered: Path) -> None:
+    # verify exits 0 on unknown keys and bad values: any output at all is the failure signal.
+    units = ["vgate.target", "vgate-proxy.service", "vgate-engine@tiny.service"]
+    result = subprocess.run(
+        ["systemd-analyze", "verify", *units],
+        cwd=rendered,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_verify_catches_a_bad_key(rendered: Path) -> None:
+    # The check above can fail: a misspelt key shows up on stderr.
+    unit = rendered / "vgate-proxy.service"
+    unit.write_text(unit.read_text().replace("UMask=0077", "UMask=0077\nProtectSystm=strict"))
+    result = subprocess.run(
+        ["systemd-analyze", "verify", "vgate-proxy.service"],
+        cwd=rendered,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert "ProtectSystm" in result.stderr
+
+
+def test_proxy_exposure_at_most_2(rendered: Path) -> None:
+    result = subprocess.run(
+        [
+            "systemd-analyze",
+            "security",
+            "--offline=yes",
+            "--threshold=20",
+            "--no-pager",
+            str(rendered / "vgate-proxy.service"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert match, result.stdout[-2000:] + result.stderr
+    assert float(match.group(1)) <= 2.0
+    assert result.returncode == 0, result.stderr
