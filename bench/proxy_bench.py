@@ -99,11 +99,12 @@ def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[
                 proc.wait()
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of `pid` so far."""
     with open(f"/proc/{pid}/stat") as fh:
         fields = fh.read().rsplit(")", 1)[1].split()
     # After the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def rss_mb(pid: int) -> float:
@@ -205,25 +206,27 @@ class PathResult:
     streams: Run
     ttft: Run
     cpu_ms: float | None = None
+    cpu_sys_ms: float | None = None  # the kernel's part (syscalls, loopback TCP)
     cpu_ms_stream_event: float | None = None
     rss: float | None = None
 
 
-async def measure(base: str, pid: int | None, seconds: float, latency_n: int) -> PathResult:
+async def measure(base: str, pid: int, seconds: float, latency_n: int) -> PathResult:
+    """All phases against `base`; CPU and RSS are those of process `pid` (the server)."""
     chat = f"{base}/v1/chat/completions"
     await closed_loop(chat, 16, stream=False, per_worker=50)  # warm up pools and caches
     c1 = await closed_loop(chat, 1, stream=False, per_worker=latency_n)
-    cpu0 = cpu_seconds(pid) if pid else 0.0
+    cpu0 = cpu_seconds(pid)
     c16 = await closed_loop(chat, 16, stream=False, seconds=seconds)
-    cpu1 = cpu_seconds(pid) if pid else 0.0
+    cpu1 = cpu_seconds(pid)
     streams = await closed_loop(chat, 16, stream=True, seconds=seconds)
-    cpu2 = cpu_seconds(pid) if pid else 0.0
+    cpu2 = cpu_seconds(pid)
     ttft = await closed_loop(chat, 128, stream=True, per_worker=3)
     result = PathResult(c1, c16, streams, ttft)
-    if pid:
-        result.cpu_ms = (cpu1 - cpu0) * 1000 / max(c16.count, 1)
-        result.cpu_ms_stream_event = (cpu2 - cpu1) * 1000 / max(streams.events, 1)
-        result.rss = rss_mb(pid)
+    result.cpu_ms = (sum(cpu1) - sum(cpu0)) * 1000 / max(c16.count, 1)
+    result.cpu_sys_ms = (cpu1[1] - cpu0[1]) * 1000 / max(c16.count, 1)
+    result.cpu_ms_stream_event = (sum(cpu2) - sum(cpu1)) * 1000 / max(streams.events, 1)
+    result.rss = rss_mb(pid)
     return result
 
 
@@ -306,6 +309,13 @@ def report(direct: PathResult, proxy: PathResult, load: tuple[str, str]) -> None
             fmt(proxy.cpu_ms, ".3f"),
             f"<= {TARGETS['cpu_ms']}",
             proxy.cpu_ms is not None and proxy.cpu_ms <= TARGETS["cpu_ms"],
+        ),
+        (
+            "  of which kernel (stime)",
+            fmt(direct.cpu_sys_ms, ".3f"),
+            fmt(proxy.cpu_sys_ms, ".3f"),
+            "",
+            None,
         ),
         (
             "SSE events/s, 16 streams x 64 tok",

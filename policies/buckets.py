@@ -23,30 +23,36 @@ from dataclasses import dataclass
 _EPSILON = 1e-9
 
 
-@dataclass(frozen=True, slots=True)
 class Bucket:
-    key: str  # storage key: names only (a key's configured name, a model), never secrets
-    rate: float  # units per second
-    capacity: float  # units that can be taken at once
-    tokens: bool = False  # counts tokens (else requests): which x-ratelimit-* headers it feeds
+    """A budget: `rate` units per second, at most `capacity` at once. Immutable by convention
+    (a plain slotted class: it is read on every request, and dataclass overhead shows there)."""
 
-    @property
-    def window(self) -> float:
-        """Seconds an empty bucket takes to refill."""
-        return self.capacity / self.rate
+    __slots__ = ("capacity", "interval", "key", "limit_text", "rate", "tokens", "window")
+
+    def __init__(self, key: str, rate: float, capacity: float, tokens: bool = False) -> None:
+        self.key = key  # storage key: names only (a key's configured name, a model)
+        self.rate = rate  # units per second
+        self.capacity = capacity
+        self.tokens = tokens  # counts tokens (else requests): which x-ratelimit-* it feeds
+        self.interval = 1.0 / rate  # seconds one unit takes to refill
+        self.window = capacity / rate  # seconds an empty bucket takes to refill
+        self.limit_text = str(math.floor(capacity))  # the x-ratelimit-limit-* value
+
+    def remaining(self, used: float) -> int:
+        """Whole units available when the TAT is `used` seconds ahead of now."""
+        return max(0, math.floor((self.window - used) * self.rate + _EPSILON))
+
+    def __repr__(self) -> str:
+        return f"Bucket({self.key!r}, {self.rate}, {self.capacity}, tokens={self.tokens})"
 
 
-@dataclass(frozen=True, slots=True)
-class BucketState:
-    remaining: int  # whole units available now
-    reset_after: float  # seconds until the bucket is full again
-
-
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Decision:
     allowed: bool
     retry_after: float  # seconds until the refused charges would fit (0 when allowed)
-    states: tuple[BucketState, ...]  # per charge, after the charge (before it, when refused)
+    # Per charge: seconds the bucket's TAT is ahead of now (after the charge; before it when
+    # refused). `Bucket.remaining(used)` for headers; `used` itself is the time until full.
+    used: list[float]
 
 
 Charge = tuple[Bucket, float]
@@ -64,15 +70,13 @@ class Storage(ABC):
         """Apply every charge or none. Negative costs give units back (never beyond full).
         `force` applies positive costs even past empty (usage larger than reserved)."""
 
+    async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
+        """Take `delta` more units from every bucket (give back when negative), unconditionally:
+        the reconciliation of a reservation with real usage."""
+        await self.charge([(b, delta) for b in buckets], force=True)
+
     async def aclose(self) -> None:  # noqa: B027 - optional hook, most storages hold nothing
         """Release connections."""
-
-
-def state(bucket: Bucket, used: float) -> BucketState:
-    """The headers' view of a bucket whose TAT is `used` seconds ahead of now."""
-    used = max(used, 0.0)
-    free = (bucket.window - used) * bucket.rate
-    return BucketState(max(0, math.floor(free + _EPSILON)), used)
 
 
 class MemoryStorage(Storage):
@@ -88,24 +92,30 @@ class MemoryStorage(Storage):
 
     async def charge(self, charges: Sequence[Charge], *, force: bool = False) -> Decision:
         now = self._clock()
+        tats = self._tat
         current: list[float] = []
         after: list[float] = []
         retry = 0.0
         for bucket, cost in charges:
-            tat = max(self._tat.get(bucket.key, now), now)
-            new = max(tat + cost / bucket.rate, now)
-            if cost > 0 and not force and new - now > bucket.window + _EPSILON:
+            tat = tats.get(bucket.key, now)
+            if tat < now:
+                tat = now
+            new = tat + cost * bucket.interval
+            if new < now:
+                new = now
+            elif cost > 0 and not force and new - now > bucket.window + _EPSILON:
                 retry = max(retry, new - bucket.window - now)
-            current.append(tat)
-            after.append(new)
+            current.append(tat - now)
+            after.append(new - now)
         if retry > 0:
-            return Decision(
-                False,
-                retry,
-                tuple(state(b, t - now) for (b, _), t in zip(charges, current, strict=True)),
-            )
-        for (bucket, _), new in zip(charges, after, strict=True):
-            self._tat[bucket.key] = new
-        return Decision(
-            True, 0.0, tuple(state(b, t - now) for (b, _), t in zip(charges, after, strict=True))
-        )
+            return Decision(False, retry, current)
+        for (bucket, _), used in zip(charges, after, strict=True):
+            tats[bucket.key] = now + used
+        return Decision(True, 0.0, after)
+
+    async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
+        now = self._clock()
+        tats = self._tat
+        for bucket in buckets:
+            tat = tats.get(bucket.key, now)
+            tats[bucket.key] = max(max(tat, now) + delta * bucket.interval, now)

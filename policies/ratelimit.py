@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from policies.auth import AuthSettings
-from policies.buckets import Bucket, BucketState, Charge, Decision, MemoryStorage, Storage
+from policies.buckets import Bucket, Charge, Decision, MemoryStorage, Storage
 from policies.buckets import StorageUnavailable as StorageUnavailable
 from policies.limits import Limits
 from policies.text import estimate_tokens
@@ -71,7 +71,7 @@ class RateLimitPolicy:
         self._fixed = fixed
         self._default_key = settings.per_key
         self._key_limits = _key_limits(services.config)
-        self._key_buckets: dict[str, list[Bucket]] = {}
+        self._plans: dict[str | None, tuple[list[Bucket], list[Bucket]]] = {}
         self._last_warning = 0.0
 
     @classmethod
@@ -84,23 +84,24 @@ class RateLimitPolicy:
         return out
 
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
-        buckets = self._buckets(request.key)
+        buckets, tokens = self._buckets(request.key)
         if not buckets:
             return await call_next(request)
-        prompt = request.outcome.get("prompt_tokens") or estimate_tokens(request.body)
-        reserved = prompt + (request.max_tokens or self._settings.default_max_tokens)
+        reserved = 0
+        if tokens:
+            prompt = request.outcome.get("prompt_tokens") or estimate_tokens(request.body)
+            reserved = prompt + (request.max_tokens or self._settings.default_max_tokens)
         charges: list[Charge] = [(b, reserved if b.tokens else 1) for b in buckets]
         decision = await self._charge(charges)
         if decision is None:  # storage down, failing open
             return await call_next(request)
-        headers = _headers(charges, decision.states)
+        headers = _headers(charges, decision.used)
         if not decision.allowed:
             never = any(cost > b.capacity for b, cost in charges)
             raise RateLimited(
                 _message(charges, decision, never), headers=_refusal(headers, decision, never)
             )
         request.response_headers.update(headers)
-        tokens = [b for b in buckets if b.tokens]
         if not tokens:
             return await call_next(request)
         try:
@@ -116,15 +117,16 @@ class RateLimitPolicy:
             response.stream = self._reconcile_at_end(response.stream, request, tokens, reserved)
         return response
 
-    def _buckets(self, key: KeyInfo | None) -> list[Bucket]:
-        if key is None:
-            return self._fixed
-        cached = self._key_buckets.get(key.name)
+    def _buckets(self, key: KeyInfo | None) -> tuple[list[Bucket], list[Bucket]]:
+        """(every bucket that applies, the token buckets among them)."""
+        name = key.name if key is not None else None
+        cached = self._plans.get(name)
         if cached is None:
-            limits = self._key_limits.get(key.name, self._default_key)
-            own = limits.buckets(f"{self._settings.key_prefix}:key:{key.name}") if limits else ()
+            limits = self._key_limits.get(name, self._default_key) if name else None
+            own = limits.buckets(f"{self._settings.key_prefix}:key:{name}") if limits else ()
+            every = [b for b in own if b is not None] + self._fixed
             # Key names come from config, so this cache is bounded.
-            cached = self._key_buckets[key.name] = [b for b in own if b is not None] + self._fixed
+            cached = self._plans[name] = (every, [b for b in every if b.tokens])
         return cached
 
     async def _reconcile_at_end(
@@ -150,7 +152,7 @@ class RateLimitPolicy:
         if used is None or used == reserved:
             return
         try:
-            await self._storage.charge([(b, used - reserved) for b in tokens], force=True)
+            await self._storage.adjust(tokens, used - reserved)
         except StorageUnavailable as exc:
             self._warn(exc)
 
@@ -202,17 +204,20 @@ def _key_limits(config: Config) -> dict[str, Limits]:
     return {k.name: k.limits for k in auth.keys if k.limits is not None}
 
 
-def _headers(charges: Sequence[Charge], states: Sequence[BucketState]) -> dict[str, str]:
+def _headers(charges: Sequence[Charge], used: Sequence[float]) -> dict[str, str]:
     """x-ratelimit-* for requests and tokens: the tightest bucket of each kind speaks."""
+    tightest: dict[bool, tuple[int, float, Bucket]] = {}
+    for (bucket, _), ahead in zip(charges, used, strict=True):
+        left = bucket.remaining(ahead)
+        best = tightest.get(bucket.tokens)
+        if best is None or left < best[0] or (left == best[0] and ahead > best[1]):
+            tightest[bucket.tokens] = (left, ahead, bucket)
     out: dict[str, str] = {}
-    for kind, is_tokens in (("requests", False), ("tokens", True)):
-        pairs = [(b, s) for (b, _), s in zip(charges, states, strict=True) if b.tokens is is_tokens]
-        if not pairs:
-            continue
-        bucket, st = min(pairs, key=lambda p: (p[1].remaining, -p[1].reset_after))
-        out[f"x-ratelimit-limit-{kind}"] = str(math.floor(bucket.capacity))
-        out[f"x-ratelimit-remaining-{kind}"] = str(st.remaining)
-        out[f"x-ratelimit-reset-{kind}"] = duration(st.reset_after)
+    for is_tokens, (left, ahead, bucket) in tightest.items():
+        kind = "tokens" if is_tokens else "requests"
+        out[f"x-ratelimit-limit-{kind}"] = bucket.limit_text
+        out[f"x-ratelimit-remaining-{kind}"] = str(left)
+        out[f"x-ratelimit-reset-{kind}"] = duration(ahead)
     return out
 
 
@@ -239,14 +244,11 @@ def _message(charges: Sequence[Charge], decision: Decision, never: bool) -> str:
 
 def duration(seconds: float) -> str:
     """OpenAI's reset format: `120ms`, `1s`, `1.5s`, `6m0s`, `1h2m3s`."""
-    if seconds < 1.0:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    seconds = math.ceil(seconds * 1000) / 1000
-    hours, rest = divmod(seconds, 3600)
-    minutes, secs = divmod(rest, 60)
-    text = f"{secs:.3f}".rstrip("0").rstrip(".") + "s"
-    if hours:
-        return f"{int(hours)}h{int(minutes)}m{text}"
-    if minutes:
-        return f"{int(minutes)}m{text}"
-    return text
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms < 1000:
+        return f"{max(ms, 0)}ms"
+    minutes, ms = divmod(ms, 60_000)
+    secs = f"{ms // 1000}s" if ms % 1000 == 0 else f"{ms / 1000:.3f}".rstrip("0") + "s"
+    if minutes >= 60:
+        return f"{minutes // 60}h{minutes % 60}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs

@@ -14,7 +14,7 @@ from typing import Any
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from policies.buckets import Charge, Decision, Storage, StorageUnavailable, state
+from policies.buckets import Charge, Decision, Storage, StorageUnavailable
 
 # KEYS: bucket keys. ARGV[1]: "1" to force; then per bucket i: interval_ms (3i-1),
 # window_ms (3i), cost (3i+1). Returns {allowed, retry_ms, used_ms per bucket}.
@@ -65,18 +65,14 @@ class RedisStorage(Storage):
     async def charge(self, charges: Sequence[Charge], *, force: bool = False) -> Decision:
         args: list[str] = ["1" if force else "0"]
         for bucket, cost in charges:
-            args += [repr(1000.0 / bucket.rate), repr(bucket.window * 1000.0), repr(float(cost))]
+            args += [repr(bucket.interval * 1000), repr(bucket.window * 1000), repr(float(cost))]
         try:
             out = await self._script(keys=[b.key for b, _ in charges], args=args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise StorageUnavailable(f"redis: {type(exc).__name__}: {exc}"[:200]) from None
         allowed = int(out[0]) == 1
         retry = float(out[1]) / 1000.0
-        states = tuple(
-            state(bucket, float(used) / 1000.0)
-            for (bucket, _), used in zip(charges, out[2:], strict=True)
-        )
-        return Decision(allowed, retry, states)
+        return Decision(allowed, retry, [max(0.0, float(used) / 1000.0) for used in out[2:]])
 
     async def aclose(self) -> None:
         await self._client.aclose()

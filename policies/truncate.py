@@ -4,7 +4,7 @@ The budget is `max_model_len - margin - max_tokens` (`min_output_tokens` when th
 no max_tokens). Counting is exact: the engine's own `/tokenize` with its chat template. Most
 requests skip counting: with byte-level BPE every token covers at least one byte of text
 except special tokens, so `UTF-8 bytes of the messages + a per-message overhead + the template's
-fixed tokens` (measured once per upstream by tokenizing an empty conversation) is an upper
+fixed tokens` (measured once per model by tokenizing an empty conversation) is an upper
 bound, and a prompt under it fits.
 
 A prompt that does not fit is, per `strategy`: rejected (400 `context_length_exceeded` with the
@@ -104,8 +104,9 @@ class TruncatePolicy:
         self._route: ModelRoute | None = services.routes.get(model) if model else None
         self._client = services.client
         self._api_key = services.config.upstream.api_key
-        # Tokens of the template around an empty conversation / prompt, per upstream.
-        self._fixed: dict[tuple[str, str, str], int] = {}
+        # Tokens of the template around an empty conversation ("chat") or prompt ("prompt"),
+        # measured once; a model's upstreams serve the same model and template.
+        self._fixed: dict[str, int] = {}
 
     @classmethod
     def problems(cls, settings: TruncateSettings, config: Config) -> list[str]:
@@ -143,20 +144,18 @@ class TruncatePolicy:
         s = self._s
         messages: list[Message] = request.body["messages"]
         need, least = self._output(request)
-        upstream = route.pick()
-        fixed_key = (upstream.base_url, upstream.served_name, "chat")
         window = self._window(route)
-        fixed = self._fixed.get(fixed_key)
+        fixed = self._fixed.get("chat")
         if window is not None and fixed is not None:
             size = chat_bytes(messages, s.per_message_overhead)
             if size is not None and size + fixed + need + s.margin <= window:
                 return
-        counter = _Counter(self._client, upstream, request.body, self._api_key)
+        counter = _Counter(self._client, route.pick(), request.body, self._api_key)
         total = await counter.chat(messages, s.tokenize_timeout)
         window = window or counter.window
         if fixed is None:
             empty = [{"role": "user", "content": ""}]
-            self._fixed[fixed_key] = await counter.chat(empty, s.tokenize_timeout)
+            self._fixed["chat"] = await counter.chat(empty, s.tokenize_timeout)
         if window is None:
             return
         room = window - s.margin
@@ -226,20 +225,18 @@ class TruncatePolicy:
         ):
             total = len(prompt)
         elif isinstance(prompt, str):
-            upstream = route.pick()
-            fixed_key = (upstream.base_url, upstream.served_name, "prompt")
-            fixed = self._fixed.get(fixed_key)
+            fixed = self._fixed.get("prompt")
             if (
                 window is not None
                 and fixed is not None
                 and utf8_len(prompt) + fixed + s.per_message_overhead + need + s.margin <= window
             ):
                 return
-            counter = _Counter(self._client, upstream, request.body, self._api_key)
+            counter = _Counter(self._client, route.pick(), request.body, self._api_key)
             total = await counter.prompt(prompt, s.tokenize_timeout)
             window = window or counter.window
             if fixed is None:
-                self._fixed[fixed_key] = await counter.prompt("", s.tokenize_timeout)
+                self._fixed["prompt"] = await counter.prompt("", s.tokenize_timeout)
         else:
             return  # a batch of prompts: the engine checks each one
         if window is None:

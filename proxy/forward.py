@@ -17,6 +17,7 @@ import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 
@@ -44,6 +45,7 @@ from proxy.upstream import UpstreamClient, UpstreamResponse, upstream_errors
 _OVERFLOW_MARKS = (b"maximum context length", b"maximum model length")
 # proxy.guard cancels the request task with its reason: these are the upstream's fault.
 _TIMEOUT_REASONS = ("first_byte_timeout", "idle_timeout")
+_MAX_ROUNDS = 32
 
 
 class Upstream:
@@ -177,20 +179,22 @@ class Forwarder:
         tried: list[Upstream] = []
         failure: UpstreamError | None = None
         attempt = 0
+        # Decided once: a retry must not mistake our own include_usage for the client's.
+        strip_usage = request.stream and not _wants_usage(request.body)
         while True:
             lease = await self._lease(
                 request, chain, tried, failure, attempt, deadline, key, kv_limit, priority
             )
             attempt += 1
             try:
-                response = await self._attempt(lease, request)
+                response = await self._attempt(lease, request, strip_usage)
             except UpstreamError as exc:
                 failure = exc
                 tried.append(lease.upstream)
                 if (
                     attempt >= retry.attempts
                     or time.monotonic() >= deadline
-                    or not self.budget.spend()
+                    or not (_free_failover(exc, chain, tried) or self.budget.spend())
                 ):
                     raise
                 continue
@@ -216,7 +220,8 @@ class Forwarder:
         """Choose an upstream and hold a slot (and a probe) on it, or raise why not."""
         refused: list[Upstream] = []
         slept = False
-        for _ in range(4 * sum(len(r.upstreams) for r in chain) + 4):
+        # Each round either returns or excludes one more upstream (or sleeps once): bounded.
+        for _ in range(_MAX_ROUNDS):
             choice = Choice()
             route = _choose(chain, choice, tried, refused, key, kv_limit)
             upstream = choice.upstream
@@ -247,7 +252,9 @@ class Forwarder:
             return _Lease(route, upstream, probe)
         raise failure or _circuit_open(chain, request)
 
-    async def _attempt(self, lease: _Lease, request: ProxyRequest) -> ProxyResponse:
+    async def _attempt(
+        self, lease: _Lease, request: ProxyRequest, strip_usage: bool
+    ) -> ProxyResponse:
         """One upstream attempt with its accounting: breaker outcome, slot, counters."""
         upstream = lease.upstream
         upstream.attempts += 1
@@ -255,11 +262,11 @@ class Forwarder:
         try:
             timeout = self._retry.attempt_timeout
             if timeout is None:
-                response = await self.send(upstream, request, lease, overflow)
+                response = await self.send(upstream, request, lease, strip_usage, overflow)
             else:
                 try:
                     async with asyncio.timeout(timeout):
-                        response = await self.send(upstream, request, lease, overflow)
+                        response = await self.send(upstream, request, lease, strip_usage, overflow)
                 except TimeoutError:
                     raise UpstreamTimeout(
                         f"Upstream {upstream.label} sent nothing within the attempt timeout."
@@ -289,20 +296,25 @@ class Forwarder:
         return response
 
     async def send(
-        self, upstream: Upstream, request: ProxyRequest, lease: _Lease, overflow: bool = False
+        self,
+        upstream: Upstream,
+        request: ProxyRequest,
+        lease: _Lease,
+        strip_usage: bool,
+        overflow: bool = False,
     ) -> ProxyResponse:
         """Send to `upstream`; a stream is returned only once its first chunk arrived."""
         body = request.body
         body["model"] = upstream.served_name
-        strip_usage = False
         if request.stream:
             # Always ask for usage: token limits and metrics reconcile from it. The client sees
-            # the usage event only if it asked.
+            # the usage event only if it asked (`strip_usage`). A new dict: the client's stays
+            # as sent, for a fallback that starts over from it.
             options = body.get("stream_options")
-            if not isinstance(options, dict):
-                options = body["stream_options"] = {}
-            strip_usage = options.get("include_usage") is not True
-            options["include_usage"] = True
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
         # Only headers we choose leave: never the client's Authorization, cookies, hop-by-hop
         # or custom-host headers; the URL is the configured upstream, whatever the body says.
         headers = {
@@ -388,6 +400,20 @@ def _choose(
             if not tried:
                 break
     return None
+
+
+def _free_failover(exc: UpstreamError, chain: list[ModelRoute], tried: list[Upstream]) -> bool:
+    """A refused connection never reached an engine: moving the request to an upstream not yet
+    tried adds no engine load, so it is not paid from the retry budget (the breaker stops
+    the dead upstream being tried after fail_max)."""
+    if not isinstance(exc, UpstreamUnreachable):
+        return False
+    return any(u not in tried for route in chain for u in route.upstreams)
+
+
+def _wants_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _circuit_open(chain: list[ModelRoute], request: ProxyRequest) -> CircuitOpen:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,6 +16,7 @@ from proxy.config import from_dict
 from proxy.settings import ConfigError
 
 MODULE = ["-m", "vllm.entrypoints.openai.api_server"]
+DEV_TOML = str(Path(__file__).resolve().parents[2] / "engine" / "dev.toml")
 
 
 def gpu(**fields: Any) -> EngineConfig:
@@ -196,3 +199,23 @@ def test_engine_table_rejects_unknown_keys_and_bad_values() -> None:
     assert "engines.tiny.build" in text
     assert "engines.tiny.kv_cache_bytes" in text
     assert "engines.tiny.gpus: unknown key" in text
+
+
+def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    assert main(["engine", "args", "tiny", "--config", DEV_TOML]) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert words[:2] == ["env", "VLLM_NO_USAGE_STATS=1"]
+    cmd = words[words.index("taskset") :]
+    assert cmd[:3] == ["taskset", "-c", "0"]
+    assert cmd[3].endswith("/.venv-engine/bin/python") and os.path.isabs(cmd[3])
+    assert cmd[cmd.index("--model") + 1].endswith("/build/models/tiny")
+    assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == "268435456"
+
+
+def test_cli_names_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    assert main(["engine", "args", "nope", "--config", DEV_TOML]) == 2
+    assert "engines.nope: no such engine (known: tiny)" in capsys.readouterr().err

@@ -17,7 +17,7 @@ import pytest
 from engine import procs
 from tests.vllm_fixtures import free_port, require_engine_python
 
-UP_TIMEOUT = 300.0
+UP_TIMEOUT = float(os.environ.get("VGATE_VLLM_START_TIMEOUT", "420"))
 
 
 def _stat(pid: int) -> tuple[int, int, str] | None:

@@ -18,17 +18,15 @@ from proxy.config import Config
 from proxy.server import uvicorn_config
 
 
-def proxy_config(
-    upstream_url: str, model: str = "tiny", **sections: dict[str, Any]
-) -> dict[str, Any]:
-    """A config dict with one model on `upstream_url`; `sections` override or add tables.
+def proxy_config(upstream_url: str, **sections: dict[str, Any]) -> dict[str, Any]:
+    """A config dict with model `tiny` on `upstream_url`; `sections` override or add tables.
 
     The defaults keep tests fast: a short drain on shutdown, monitors that poll rarely.
     """
     data: dict[str, Any] = {
         "server": {"drain_timeout": 1.0},
         "upstream": {"health_interval": 30.0, "metrics_interval": 30.0},
-        "models": {model: {"upstreams": [upstream_url]}},
+        "models": {"tiny": {"upstreams": [upstream_url]}},
     }
     for name, table in sections.items():
         data[name] = {**data.get(name, {}), **table}

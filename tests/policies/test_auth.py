@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,19 +15,23 @@ import orjson
 import pytest
 from starlette.datastructures import Headers
 
-from policies.auth import AuthPolicy, AuthSettings, KeyEntry
+from policies.auth import AuthPolicy, AuthSettings, KeyEntry, new_key
 from proxy.cli import main
 from proxy.errors import AuthenticationFailed
 from proxy.logs import JsonFormatter
 from tests.conftest import ProxyFactory
+from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import RawClient
 
 BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 3}
 
 
-def start(proxy: ProxyFactory, fake: FakeVLLM, *keys: dict[str, object]) -> str:
-    config = {
+ALICE = new_key()  # (key, digest) of the key the shared server admits
+
+
+def config_for(fake: FakeVLLM, *keys: dict[str, object]) -> dict[str, Any]:
+    return {
         "server": {"drain_timeout": 1.0},
         "upstream": {"health_interval": 30.0, "metrics_interval": 30.0},
         "models": {
@@ -36,12 +41,23 @@ def start(proxy: ProxyFactory, fake: FakeVLLM, *keys: dict[str, object]) -> str:
         },
         "policies": {"order": ["auth"], "auth": {"keys": list(keys)}},
     }
-    return proxy(config=config)
+
+
+def start(proxy: ProxyFactory, fake: FakeVLLM, *keys: dict[str, object]) -> str:
+    return proxy(config=config_for(fake, *keys))
+
+
+@pytest.fixture(scope="module")
+def server(_shared_fake: FakeVLLM) -> Iterator[ProxyServer]:
+    """One proxy for the module (startup is most of a test's time); the fake resets per test."""
+    config = config_for(_shared_fake, {"name": "alice", "sha256": ALICE[1]})
+    with ProxyServer.from_dict(config) as running:
+        yield running
 
 
 @pytest.fixture
-def base(proxy: ProxyFactory, fake: FakeVLLM, api_key: tuple[str, str]) -> str:
-    return start(proxy, fake, {"name": "alice", "sha256": api_key[1]})
+def base(server: ProxyServer, fake: FakeVLLM) -> str:
+    return server.base_url
 
 
 def assert_401(response: httpx.Response) -> None:
@@ -50,8 +66,8 @@ def assert_401(response: httpx.Response) -> None:
     assert response.json()["error"]["type"] == "invalid_request_error"
 
 
-def test_a_known_key_is_served(base: str, fake: FakeVLLM, api_key: tuple[str, str]) -> None:
-    headers = {"authorization": f"Bearer {api_key[0]}"}
+def test_a_known_key_is_served(base: str, fake: FakeVLLM) -> None:
+    headers = {"authorization": f"Bearer {ALICE[0]}"}
     r = httpx.post(f"{base}/v1/chat/completions", json=BODY, headers=headers)
     assert r.status_code == 200
     # The client's key never travels upstream.
@@ -125,8 +141,8 @@ def test_unknown_model_without_key_is_401_not_404(base: str) -> None:
     assert_401(r)
 
 
-def test_unknown_model_with_key_is_404(base: str, api_key: tuple[str, str]) -> None:
-    headers = {"authorization": f"Bearer {api_key[0]}"}
+def test_unknown_model_with_key_is_404(base: str) -> None:
+    headers = {"authorization": f"Bearer {ALICE[0]}"}
     r = httpx.post(f"{base}/v1/chat/completions", json={**BODY, "model": "nope"}, headers=headers)
     assert r.status_code == 404
     assert r.json()["error"]["code"] == "model_not_found"
@@ -149,17 +165,17 @@ def test_models_outside_the_keys_list_do_not_exist_for_it(
     assert [m["id"] for m in models.json()["data"]] == ["tiny"]
 
 
-def test_models_list_needs_a_key(base: str, api_key: tuple[str, str]) -> None:
+def test_models_list_needs_a_key(base: str) -> None:
     assert_401(httpx.get(f"{base}/v1/models"))
     assert_401(httpx.get(f"{base}/v1/models", headers={"authorization": "Bearer nope"}))
-    r = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {api_key[0]}"})
+    r = httpx.get(f"{base}/v1/models", headers={"authorization": f"Bearer {ALICE[0]}"})
     assert sorted(m["id"] for m in r.json()["data"]) == ["other", "tiny"]
 
 
 def test_keys_never_reach_logs_metrics_or_bodies(
-    base: str, api_key: tuple[str, str], caplog: pytest.LogCaptureFixture
+    base: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    key, digest = api_key
+    key, digest = ALICE
     caplog.set_level(logging.DEBUG)
     good, bad = {"authorization": f"Bearer {key}"}, {"authorization": f"Bearer {key}x"}
     url = f"{base}/v1/chat/completions"
@@ -177,14 +193,14 @@ def test_keys_never_reach_logs_metrics_or_bodies(
         assert digest not in text
 
 
-def test_openai_sdk_gets_authentication_error(base: str, api_key: tuple[str, str]) -> None:
+def test_openai_sdk_gets_authentication_error(base: str) -> None:
     messages: Any = BODY["messages"]
     with (
         openai.OpenAI(base_url=f"{base}/v1", api_key="vg-wrong", max_retries=2) as client,
         pytest.raises(openai.AuthenticationError),
     ):
         client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
-    with openai.OpenAI(base_url=f"{base}/v1", api_key=api_key[0], max_retries=0) as client:
+    with openai.OpenAI(base_url=f"{base}/v1", api_key=ALICE[0], max_retries=0) as client:
         reply = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
         assert reply.choices[0].message.content
 

@@ -36,7 +36,7 @@ async def test_a_full_bucket_allows_its_capacity_then_refuses(storage: Storage) 
     b = bucket(1.0, 3)
     results = [await storage.charge([(b, 1)]) for _ in range(4)]
     assert [r.allowed for r in results] == [True, True, True, False]
-    assert [r.states[0].remaining for r in results] == [2, 1, 0, 0]
+    assert [b.remaining(r.used[0]) for r in results] == [2, 1, 0, 0]
     # One unit refills in 1 s: the refusal says so.
     assert 0.9 < results[3].retry_after <= 1.0
 
@@ -47,9 +47,9 @@ async def test_charges_are_all_or_nothing(storage: Storage) -> None:
     refused = await storage.charge([(large, 10), (small, 1)])
     assert not refused.allowed
     # The refused request took nothing from the bucket that had room.
-    assert refused.states[0].remaining == 90
+    assert large.remaining(refused.used[0]) == 90
     after = await storage.charge([(large, 0)])
-    assert after.states[0].remaining == 90
+    assert large.remaining(after.used[0]) == 90
 
 
 async def test_waiting_retry_after_is_enough(storage: Storage) -> None:
@@ -66,8 +66,8 @@ async def test_refunds_never_exceed_a_full_bucket(storage: Storage) -> None:
     assert (await storage.charge([(b, 30)])).allowed
     refund = await storage.charge([(b, -1000)], force=True)
     assert refund.allowed
-    assert refund.states[0].remaining == 100
-    assert refund.states[0].reset_after == 0
+    assert b.remaining(refund.used[0]) == 100
+    assert refund.used[0] == 0
     # A refund does not create credit: still only the capacity fits.
     assert (await storage.charge([(b, 100)])).allowed
     assert not (await storage.charge([(b, 1)])).allowed
@@ -78,8 +78,8 @@ async def test_forced_overuse_leaves_remaining_at_zero_not_negative(storage: Sto
     assert (await storage.charge([(b, 90)])).allowed
     over = await storage.charge([(b, 60)], force=True)  # usage exceeded the reservation
     assert over.allowed
-    assert over.states[0].remaining == 0
-    assert over.states[0].reset_after > 10.0  # the debt is paid back before anything fits
+    assert b.remaining(over.used[0]) == 0
+    assert over.used[0] > 10.0  # the debt is paid back before anything fits
     refused = await storage.charge([(b, 1)])
     assert not refused.allowed
     assert refused.retry_after > 5.0
@@ -89,7 +89,7 @@ async def test_a_charge_larger_than_capacity_is_refused(storage: Storage) -> Non
     b = bucket(1.0, 10, tokens=True)
     refused = await storage.charge([(b, 11)])
     assert not refused.allowed
-    assert refused.states[0].remaining == 10
+    assert b.remaining(refused.used[0]) == 10
 
 
 async def test_concurrent_charges_never_oversubscribe(storage: Storage) -> None:
@@ -98,13 +98,23 @@ async def test_concurrent_charges_never_oversubscribe(storage: Storage) -> None:
     assert sum(r.allowed for r in results) == 10
 
 
+async def test_adjust_takes_and_gives_back_unconditionally(storage: Storage) -> None:
+    b = bucket(1.0, 100, tokens=True)
+    await storage.adjust([b], 150)  # more than the whole budget: a debt
+    assert b.remaining((await storage.charge([(b, 0)])).used[0]) == 0
+    await storage.adjust([b], -120)
+    assert b.remaining((await storage.charge([(b, 0)])).used[0]) == 70
+    await storage.adjust([b], -1000)  # never beyond full
+    assert b.remaining((await storage.charge([(b, 0)])).used[0]) == 100
+
+
 async def test_reset_counts_down_to_full(storage: Storage) -> None:
     b = bucket(10.0, 10)
     first = await storage.charge([(b, 5)])
-    assert 0.45 < first.states[0].reset_after <= 0.5
+    assert 0.45 < first.used[0] <= 0.5
     await asyncio.sleep(0.2)
     later = await storage.charge([(b, 0)])
-    assert later.states[0].reset_after < first.states[0].reset_after - 0.1
+    assert later.used[0] < first.used[0] - 0.1
 
 
 @pytest.mark.redis

@@ -269,6 +269,32 @@ def test_slow_tokens_within_the_idle_timeout_are_fine(fake: FakeVLLM, proxy: Pro
     assert b'"error"' not in r.content
 
 
+@pytest.mark.parametrize("stream", [True, False])
+def test_upstream_errors_before_the_stream_keep_their_shape(
+    fake: FakeVLLM, proxy: ProxyFactory, stream: bool
+) -> None:
+    base = proxy()
+    vllm_400 = (
+        b'{"error":{"message":"max_tokens=5000 cannot be greater than max_model_len=2048.",'
+        b'"type":"BadRequestError","param":null,"code":400}}'
+    )
+    leak = 'Traceback (most recent call last):\n  File "/srv/vllm/engine.py"\nRuntimeError'
+    with httpx.Client(base_url=base, timeout=10) as client:
+        bad = client.post(
+            CHAT_PATH, json=chat(stream=stream, fake={"status": 400, "body": vllm_400.decode()})
+        )
+        broken = client.post(
+            CHAT_PATH, json=chat(stream=stream, fake={"status": 500, "body": leak})
+        )
+    assert bad.status_code == 400
+    assert bad.content == vllm_400
+    assert broken.status_code >= 500
+    assert broken.headers["content-type"].startswith("application/json")
+    assert set(broken.json()["error"]) == {"message", "type", "param", "code"}
+    for word in ("Traceback", "engine.py", "RuntimeError", "/srv"):
+        assert word not in broken.text
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -191,12 +191,18 @@ def test_clients_disconnecting_leave_the_breaker_unchanged(
 ) -> None:
     fake = fakes()
     gw = gateway(one_model(fake.base_url, breaker={"fail_max": 2}))
-    faults = [{"token_delay": 0.02}, {"never_answer": True}, {"first_event_delay": 30}]
-    for i in range(6):
-        stream = i % 2 == 0
+    cases = [
+        (True, {"token_delay": 0.02}),  # mid-stream
+        (False, {"never_answer": True}),  # before any byte
+        (True, {"first_event_delay": 30}),  # upstream headers sent, prefill running
+        (False, {"first_byte_delay": 30}),
+        (True, {"never_answer": True}),
+        (True, {"token_delay": 0.02}),
+    ]
+    for i, (stream, fault) in enumerate(cases):
         with RawClient(gw.base_url) as client:
-            client.post_json(CHAT_PATH, chat(tokens=500, stream=stream, fake=faults[i % 3]))
-            if faults[i % 3].get("token_delay") and stream:
+            client.post_json(CHAT_PATH, chat(tokens=500, stream=stream, fake=fault))
+            if "token_delay" in fault:
                 client.read_until(b"data: ", count=2)
             else:
                 assert fake.wait(lambda r: r.inflight == 1, 5.0)
@@ -274,7 +280,7 @@ async def test_total_failure_at_concurrency_50_bounds_upstream_attempts(
             breaker={"enabled": breaker, "fail_max": 5, "reset_timeout": 60},
         )
     )
-    requests = 400
+    requests = 200
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(requests):
         queue.put_nowait(i)
@@ -430,16 +436,16 @@ async def test_a_flood_of_shed_requests_keeps_state_bounded(
         first = asyncio.create_task(client.post(CHAT_PATH, json=chat()))
         await asyncio.sleep(0.1)
         gc.collect()
-        for _ in range(5):
+        for _ in range(3):
             answers = await asyncio.gather(
-                *(client.post(CHAT_PATH, json=chat()) for _ in range(200)),
+                *(client.post(CHAT_PATH, json=chat()) for _ in range(100)),
                 return_exceptions=True,
             )
             assert all(isinstance(a, httpx.Response) for a in answers)
             assert admission.waiting <= 4
             assert len(admission._heap) <= 2 * 4 + 16
         first.cancel()
-    assert admission.shed["queue_full"] >= 900
+    assert sum(admission.shed.values()) >= 295
 
 
 async def test_low_priority_keys_are_shed_first(
