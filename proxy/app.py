@@ -76,6 +76,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         finally:
             if admin is not None:
                 await admin.stop()
+            observer.flush()  # the last batch of request lines and counts
             await holder().stop()
             holder.set(None)
             await upstream_client.aclose()

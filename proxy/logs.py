@@ -43,7 +43,8 @@ class _Formatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        rid = REQUEST_ID.get()
+        # A record made away from its request (batched) carries the id itself.
+        rid = getattr(record, "request_id", None) or REQUEST_ID.get()
         if rid is not None:
             data["request_id"] = rid
         extra = getattr(record, "fields", None)
@@ -86,20 +87,21 @@ _TEMPLATE = dict(vars(logging.LogRecord("vgate.request", logging.INFO, __file__,
 _EPOCH = _TEMPLATE["created"] - _TEMPLATE["relativeCreated"] / 1000
 
 
-def request_record(logger: str, msg: str, fields: dict[str, Any]) -> logging.LogRecord:
-    """An info record for `Logger.handle`, without `Logger.info`'s stack walk and lookups.
-
-    The per-request line is on the hot path; this makes logging it about a third cheaper.
-    """
+def request_record(
+    logger: str, msg: str, request_id: str, created: float, fields: dict[str, Any]
+) -> logging.LogRecord:
+    """An info record made at `created` (time.time()) for `Logger.handle`, without
+    `Logger.info`'s stack walk and lookups: thousands of these are logged per second."""
     record = logging.LogRecord.__new__(logging.LogRecord)
     data = vars(record)
     data.update(_TEMPLATE)
-    now = time.time()
+    now = created
     data["name"] = logger
     data["msg"] = msg
     data["created"] = now
     data["msecs"] = (now - int(now)) * 1000
     data["relativeCreated"] = (now - _EPOCH) * 1000
+    data["request_id"] = request_id
     data["fields"] = fields
     return record
 

@@ -8,6 +8,8 @@ the metrics of `proxy.metrics` and one structured log line, in one place.
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 import time
 from collections.abc import Container
@@ -50,6 +52,18 @@ def classify(
     return "server_error" if status >= 500 else "client_error"
 
 
+# Request lines and metrics are recorded in batches, from a loop callback a few times a second:
+# done per request, their Python code runs cache-cold between two requests and costs ~4x what
+# the same code costs in a tight loop (measured: ~110 µs against ~25 µs of CPU per request).
+BATCH_SECONDS = 0.05
+
+# (wall time, request id, model label, model as sent, route, status, outcome, error code,
+#  latency, ttft, request)
+_Finished = tuple[
+    float, str, str, str | None, str, int, str, str | None, float, float | None, ProxyRequest | None
+]
+
+
 class Observer:
     """Records finished requests into one app's metrics and the `vgate.request` log."""
 
@@ -57,6 +71,10 @@ class Observer:
         self.metrics = metrics
         self.log = logging.getLogger("vgate.request")
         self.log_requests = log_requests
+        self._pending: list[_Finished] = []
+        self._timer: asyncio.TimerHandle | None = None
+        # A scrape sees every request that has finished, batched or not.
+        metrics.registry.before_render(self.flush)
 
     def start(self, request_id: str) -> float:
         """A request arrived: its id goes on every log line from now on; returns the start."""
@@ -80,8 +98,7 @@ class Observer:
     ) -> None:
         """Called once per request by the endpoint; times are `time.perf_counter()` values."""
         self.metrics.in_flight -= 1
-        now = time.perf_counter()
-        latency = now - started_at
+        latency = time.perf_counter() - started_at
         ttft = first_byte_at - started_at if first_byte_at else None
         details = request.outcome if request is not None else {}
         if cancelled and not stream_started:
@@ -89,12 +106,33 @@ class Observer:
         outcome = classify(status, error, cancelled, stream_started, details)
         label = model if model is not None and model in models else "unknown"
         code = error.code if error is not None else None
-        self.metrics.record(label, route, status, outcome, request, latency, ttft, code)
-        if self.log_requests and self.log.isEnabledFor(logging.INFO):
-            self._log(route, model, request, status, outcome, code, latency, ttft)
+        rid = REQUEST_ID.get() or ""
+        self._pending.append(
+            (time.time(), rid, label, model, route, status, outcome, code, latency, ttft, request)
+        )
+        if self._timer is None:
+            # In a context of its own: not the one of the request that happened to schedule it.
+            self._timer = asyncio.get_running_loop().call_later(
+                BATCH_SECONDS, self.flush, context=contextvars.Context()
+            )
+
+    def flush(self) -> None:
+        """Record what finished since the last flush (on a timer, before a scrape, at exit)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        pending, self._pending = self._pending, []
+        log = self.log_requests and self.log.isEnabledFor(logging.INFO)
+        record = self.metrics.record
+        for wall, rid, label, model, route, status, outcome, code, latency, ttft, req in pending:
+            record(label, route, status, outcome, req, latency, ttft, code)
+            if log:
+                self._log(wall, rid, route, model, req, status, outcome, code, latency, ttft)
 
     def _log(
         self,
+        wall: float,
+        rid: str,
         route: str,
         model: str | None,
         request: ProxyRequest | None,
@@ -129,4 +167,4 @@ class Observer:
                     fields.setdefault(name, value)
                 elif isinstance(value, str):
                     fields.setdefault(name, value[:_MAX_VALUE_CHARS])
-        self.log.handle(request_record(self.log.name, "request", fields))
+        self.log.handle(request_record(self.log.name, "request", rid, wall, fields))

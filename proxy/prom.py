@@ -185,6 +185,7 @@ class Registry:
     def __init__(self) -> None:
         self._families: dict[str, Family[Any]] = {}
         self._collectors: list[Collector] = []
+        self._before: list[Callable[[], None]] = []
 
     def add(self, family: Family[Any]) -> None:
         if family.name in self._families:
@@ -211,8 +212,14 @@ class Registry:
     def collector(self, collect: Collector) -> None:
         self._collectors.append(collect)
 
+    def before_render(self, hook: Callable[[], None]) -> None:
+        """Run `hook` at the start of every scrape (to record what is still batched)."""
+        self._before.append(hook)
+
     def render(self) -> bytes:
         """Everything in the Prometheus text format 0.0.4."""
+        for hook in self._before:
+            hook()
         out: list[str] = []
         for family in self._families.values():
             family.render(out)

@@ -14,6 +14,8 @@ from typing import Any
 import httpx
 from starlette.datastructures import Headers
 
+from engine import launch
+from engine.config import EngineConfig
 from engine.monitor import EngineMonitor
 from policies import authenticator, build_policies, close_policies
 from proxy.admission import Admission
@@ -69,7 +71,7 @@ class Runtime:
                         served,
                         health_interval=config.upstream.health_interval,
                         metrics_interval=config.upstream.metrics_interval,
-                        api_key=config.upstream.api_key,
+                        api_key=self._engine_api_key(label),
                     )
                 route.add(
                     Upstream(
@@ -100,17 +102,25 @@ class Runtime:
         self.authenticate: Callable[[Headers], KeyInfo] | None = authenticator(global_policies)
         self._tasks: list[asyncio.Task[None]] = []
 
+    def _engine(self, label: str) -> tuple[str, EngineConfig] | None:
+        if not label.startswith(ENGINE_PREFIX):
+            return None
+        name = label[len(ENGINE_PREFIX) :]
+        return name, self.config.engines[name]
+
     def _base_url(self, label: str) -> str:
-        if label.startswith(ENGINE_PREFIX):
-            engine = self.config.engines[label[len(ENGINE_PREFIX) :]]
-            return f"http://{engine.host}:{engine.port}"
-        return label.rstrip("/")
+        engine = self._engine(label)
+        # launch.base_url reaches an engine bound to 0.0.0.0 or :: on loopback.
+        return launch.base_url(engine[1]) if engine else label.rstrip("/")
 
     def _engine_served_name(self, label: str) -> str | None:
-        if label.startswith(ENGINE_PREFIX):
-            engine = self.config.engines[label[len(ENGINE_PREFIX) :]]
-            return engine.served_name or engine.model
-        return None
+        # The name the engine was launched with (--served-model-name), not its model path.
+        engine = self._engine(label)
+        return launch.served_name(*engine) if engine else None
+
+    def _engine_api_key(self, label: str) -> str | None:
+        engine = self._engine(label)
+        return (engine[1].api_key if engine else None) or self.config.upstream.api_key
 
     async def start(self, first_probe_timeout: float = 2.0) -> None:
         """One bounded round of probes (so /ready and /v1/models know something), then loops."""

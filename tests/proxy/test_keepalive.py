@@ -18,9 +18,15 @@ WHOLE = orjson.dumps(chat(tokens=2))
 STREAM = orjson.dumps(chat(tokens=2, stream=True))
 
 
-async def burst(session: aiohttp.ClientSession, url: str, n: int, outcomes: Counter[str]) -> None:
-    """`n` requests, half of them streams, at most CONCURRENCY at a time."""
-    limit = asyncio.Semaphore(CONCURRENCY)
+async def burst(
+    session: aiohttp.ClientSession,
+    url: str,
+    n: int,
+    outcomes: Counter[str],
+    concurrency: int = CONCURRENCY,
+) -> None:
+    """`n` requests, half of them streams, at most `concurrency` at a time."""
+    limit = asyncio.Semaphore(concurrency)
 
     async def one(i: int) -> None:
         stream = i % 2 == 0
@@ -57,10 +63,12 @@ async def test_1000_requests_on_connections_idle_about_5s(
     async with aiohttp.ClientSession(connector=connector) as session:
         await burst(session, url, 400, outcomes)
         opened = fresh_fake.seen.connections
-        # Idle below the pool's expiry: the same upstream connections serve the next round.
+        assert opened >= 10
+        # Idle below the pool's expiry: pooled connections serve the next round (at a
+        # concurrency the pool already covers, so no new connection is needed).
         await asyncio.sleep(3.0)
-        await burst(session, url, 300, outcomes)
-        assert fresh_fake.seen.connections < opened + 5, "pooled connections were not reused"
+        await burst(session, url, 300, outcomes, concurrency=10)
+        assert fresh_fake.seen.connections == opened, "pooled connections were not reused"
         # Idle right at the server's keep-alive timeout: the race a pool must not lose.
         await asyncio.sleep(5.0)
         await burst(session, url, 300, outcomes)

@@ -263,8 +263,8 @@ def test_stream_idle_timeout_ends_with_error_event_and_frees_upstream(
 
 
 def test_slow_tokens_within_the_idle_timeout_are_fine(fake: FakeVLLM, proxy: ProxyFactory) -> None:
-    base = proxy(upstream={"stream_idle_timeout": 0.5})
-    r = stream_body(base, chat(tokens=8, stream=True, fake={"token_delay": 0.2}))
+    base = proxy(upstream={"stream_idle_timeout": 1.0})
+    r = stream_body(base, chat(tokens=6, stream=True, fake={"token_delay": 0.2}))
     assert r.content.endswith(b"data: [DONE]\n\n")
     assert b'"error"' not in r.content
 
