@@ -107,6 +107,8 @@ class TruncatePolicy:
         # Tokens of the template around an empty conversation ("chat") or prompt ("prompt"),
         # measured once; a model's upstreams serve the same model and template.
         self._fixed: dict[str, int] = {}
+        # The window /tokenize reported, for when the monitors have not learned it (yet).
+        self._learned: int | None = None
 
     @classmethod
     def problems(cls, settings: TruncateSettings, config: Config) -> list[str]:
@@ -129,9 +131,15 @@ class TruncatePolicy:
 
     def _window(self, route: ModelRoute) -> int | None:
         known = [u.monitor.max_model_len for u in route.upstreams if u.monitor.max_model_len]
-        engine = min(known) if known else None
+        engine = min(known) if known else self._learned
         mine = self._s.max_model_len
         return min(engine, mine) if engine and mine else engine or mine
+
+    def _learn(self, window: int | None) -> int | None:
+        if window is not None:
+            self._learned = window
+        mine = self._s.max_model_len
+        return min(window, mine) if window and mine else window or mine
 
     def _output(self, request: ProxyRequest) -> tuple[int, int]:
         """(tokens to reserve for the output, the least we may reserve after clamping)."""
@@ -152,7 +160,7 @@ class TruncatePolicy:
                 return
         counter = _Counter(self._client, route.pick(), request.body, self._api_key)
         total = await counter.chat(messages, s.tokenize_timeout)
-        window = window or counter.window
+        window = window or self._learn(counter.window)
         if fixed is None:
             empty = [{"role": "user", "content": ""}]
             self._fixed["chat"] = await counter.chat(empty, s.tokenize_timeout)
@@ -234,7 +242,7 @@ class TruncatePolicy:
                 return
             counter = _Counter(self._client, route.pick(), request.body, self._api_key)
             total = await counter.prompt(prompt, s.tokenize_timeout)
-            window = window or counter.window
+            window = window or self._learn(counter.window)
             if fixed is None:
                 self._fixed["prompt"] = await counter.prompt("", s.tokenize_timeout)
         else:

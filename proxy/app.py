@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from proxy.admin import AdminServer
 from proxy.config import Config
-from proxy.endpoints import CompletionEndpoint, HotPaths
+from proxy.endpoints import INTERNAL_ERROR, CompletionEndpoint, HotPaths
 from proxy.errors import MethodNotAllowed, NotFound, VgateError, error_response
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
@@ -130,6 +130,11 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         assert isinstance(exc, VgateError)
         return error_response(exc)
 
+    async def server_error(request: Request, exc: Exception) -> Response:
+        # Starlette's ServerErrorMiddleware calls this for any unhandled exception (it logs
+        # and re-raises it afterwards): an OpenAI-shaped 500 instead of plain text.
+        return error_response(INTERNAL_ERROR)
+
     completions = {
         "/v1/chat/completions": CompletionEndpoint("chat/completions", holder, observer),
         "/v1/completions": CompletionEndpoint("completions", holder, observer),
@@ -144,7 +149,11 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         routes=routes,
         middleware=[Middleware(HotPaths, endpoints=completions)],
         lifespan=lifespan,
-        exception_handlers={HTTPException: http_error, VgateError: vgate_error},
+        exception_handlers={
+            HTTPException: http_error,
+            VgateError: vgate_error,
+            Exception: server_error,
+        },
     )
     app.router.redirect_slashes = False
     app.state.runtime = holder

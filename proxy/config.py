@@ -37,6 +37,13 @@ class ServerConfig:
     # Unbounded `n` or message counts let one request exhaust an engine.
     max_n: int = check(positive, 16)
     max_messages: int = check(positive, 10_000)
+    # A request head (line and headers) must arrive within header_timeout seconds of the
+    # connection opening or of its first byte; the body within body_timeout of the head.
+    header_timeout: float = check(positive, 10.0)
+    body_timeout: float = check(positive, 30.0)
+    # The request line and headers together; and how many header fields (431 beyond either).
+    max_header_bytes: int = check(positive, 64 * 1024)
+    max_headers: int = check(positive, 100)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -205,7 +212,7 @@ def _check_admin(cfg: Config, binder: Binder) -> None:
             f"{admin.host!r} is not a loopback address and /metrics has no authentication; "
             "scrape over loopback or set admin.allow_public = true",
         )
-    if admin.port == cfg.server.port and admin.host == cfg.server.host:
+    if admin.port == cfg.server.port:
         binder.problem("admin.port", f"{admin.port} is the main listener's port")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import secrets
 from collections.abc import Callable, Mapping
@@ -23,6 +24,9 @@ from proxy.observe import CLIENT_CLOSED, Observer
 from proxy.pipeline import ProxyRequest, ProxyResponse
 from proxy.runtime import Runtime
 
+log = logging.getLogger("vgate.endpoints")
+
+INTERNAL_ERROR = VgateError("The server had an error while processing your request.")
 _REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
@@ -120,6 +124,13 @@ class CompletionEndpoint:
             error = exc
             status = status if started else exc.status
             await _fail(send, exc, request, started)
+        except Exception:
+            # A bug: logged with its traceback; the client gets a generic OpenAI-shaped 500 (or
+            # an error event on a started stream), never Starlette's plain text or internals.
+            log.exception("unexpected error serving request %s", rid)
+            error = INTERNAL_ERROR
+            status = status if started else error.status
+            await _fail(send, error, request, started)
         finally:
             guard.close()
             if obs is not None:

@@ -9,7 +9,9 @@
     ├── NotFound                    404 code=unknown_url
     │   └── ModelNotFound           404 code=model_not_found
     ├── MethodNotAllowed            405
+    ├── RequestTimeout              408 (head or body trickled in too slowly; connection closed)
     ├── PayloadTooLarge             413
+    ├── HeadersTooLarge             431 (request head over its size or count; connection closed)
     ├── RateLimited                 429 code=rate_limit_exceeded (+ Retry-After, x-ratelimit-*)
     ├── Overloaded                  503 code=overloaded (+ Retry-After)
     └── UpstreamError               502 upstream_error
@@ -104,10 +106,22 @@ class MethodNotAllowed(VgateError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(VgateError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class PayloadTooLarge(VgateError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(VgateError):
+    status = 431
+    type = "invalid_request_error"
+    code = "request_headers_too_large"
 
 
 class RateLimited(VgateError):

@@ -206,7 +206,7 @@ class Installer:
         unit_dir = lay.at(lay.unit_dir)
         instances = sorted(p.name for p in unit_dir.glob("*.wants/vgate-engine@*.service"))
         live = not lay.staging and systemd_running()
-        if live:
+        if live and lay.at(f"{lay.unit_dir}/vgate-proxy.service").exists():
             names = ["vgate.target", "vgate-proxy.service", "vgate-engine@*.service"]
             self.run(["systemctl", "stop", *names])
             enabled = ["vgate.target", "vgate-proxy.service", *sorted(set(instances))]

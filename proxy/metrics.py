@@ -27,7 +27,7 @@ from typing import Any
 
 from proxy.forward import Upstream
 from proxy.pipeline import ProxyRequest
-from proxy.prom import Family, Gauge, Registry
+from proxy.prom import Counter, Family, Gauge, Registry
 from proxy.runtime import Runtime
 
 # Latency of LLM requests spans milliseconds (errors, tiny answers) to minutes (long generations).
@@ -130,7 +130,21 @@ class ProxyMetrics:
             "Streams that failed after their first byte, by error code.",
             ("model", "reason"),
         )
+        self.upstream_errors = r.counter(
+            "vgate_upstream_errors_total",
+            "Requests failed by the upstream before the first byte, by error code.",
+            ("model", "reason"),
+        )
+        self.http_refused = r.counter(
+            "vgate_http_refused_total",
+            "Requests refused by the HTTP layer before any handler (proxy.protocol), by reason.",
+            ("reason",),
+        )
         r.collector(self._collect)
+
+    def refused(self, reason: str) -> None:
+        """One request refused by the HTTP layer (framing, head limits, timeouts, overload)."""
+        self.http_refused.labels(reason).inc()
 
     def record(
         self,
@@ -149,6 +163,8 @@ class ProxyMetrics:
             self.ttft.labels(model, route).observe(ttft)
         if outcome == "stream_failed":
             self.stream_failures.labels(model, reason_label(error_code)).inc()
+        elif outcome == "upstream_error":
+            self.upstream_errors.labels(model, reason_label(error_code)).inc()
         if request is None:
             return
         if outcome == "ok":
@@ -201,11 +217,20 @@ class ProxyMetrics:
 def _runtime_gauges(rt: Runtime) -> Iterator[Family[Any]]:
     up = ("model", "upstream")
     ready = Gauge("vgate_model_ready", "1 when some upstream of the model is healthy.", ("model",))
+    queued = Gauge("vgate_queue_depth", "Requests waiting for an upstream slot.", ("model",))
     healthy = Gauge("vgate_upstream_healthy", "1 healthy, 0 failing (absent: not probed yet).", up)
     inflight = Gauge("vgate_upstream_in_flight", "Requests outstanding at the upstream.", up)
-    queued = Gauge("vgate_upstream_queue_depth", "Requests waiting for an upstream slot.", up)
     breaker = Gauge(
         "vgate_upstream_breaker_state", "Circuit breaker: 0 closed, 1 half-open, 2 open.", up
+    )
+    # Counters kept by the forwarding layer; they restart from 0 when a reload rebuilds it.
+    attempts = Counter("vgate_upstream_attempts_total", "Requests sent, retries included.", up)
+    failures = Counter(
+        "vgate_upstream_failures_total", "Attempts failed: transport, timeout, 5xx.", up
+    )
+    trips = Counter("vgate_upstream_breaker_trips_total", "Times the breaker opened.", up)
+    rejected = Counter(
+        "vgate_upstream_breaker_rejected_total", "Calls failed fast by the breaker.", up
     )
     kv = Gauge("vgate_engine_kv_cache_usage_ratio", "Engine KV-cache usage (0..1).", up)
     running = Gauge("vgate_engine_requests_running", "Requests the engine is running.", up)
@@ -213,23 +238,31 @@ def _runtime_gauges(rt: Runtime) -> Iterator[Family[Any]]:
     window = Gauge("vgate_engine_max_model_len", "The engine's context window in tokens.", up)
     for name, route in rt.routes.items():
         ready.labels(name).set(1.0 if any(u.monitor.healthy for u in route.upstreams) else 0.0)
+        depth = getattr(getattr(route, "admission", None), "waiting", None)
+        if isinstance(depth, int):
+            queued.labels(name).set(depth)
         for u in route.upstreams:
             key = (name, u.label)
             monitor = u.monitor
             inflight.labels(*key).set(u.inflight)
             if monitor.healthy is not None:
                 healthy.labels(*key).set(1.0 if monitor.healthy else 0.0)
-            for gauge, value in (
+            cb = getattr(u, "breaker", None)
+            for family, value in (
                 (kv, monitor.kv_cache_usage),
                 (running, monitor.running),
                 (waiting, monitor.waiting),
                 (window, monitor.max_model_len),
-                (queued, getattr(u, "queued", None)),
                 (breaker, _breaker_state(u)),
+                (attempts, getattr(u, "attempts", None)),
+                (failures, getattr(u, "failures", None)),
+                (trips, getattr(cb, "trips", None)),
+                (rejected, getattr(cb, "rejected", None)),
             ):
                 if isinstance(value, int | float):
-                    gauge.labels(*key).set(value)
-    yield from (ready, healthy, inflight, queued, breaker, kv, running, waiting, window)
+                    family.labels(*key).set(value)
+    yield from (ready, queued, healthy, inflight, breaker, attempts, failures, trips, rejected)
+    yield from (kv, running, waiting, window)
 
 
 def _breaker_state(upstream: Upstream) -> int | None:

@@ -22,8 +22,20 @@ log = logging.getLogger("vgate.reload")
 
 # Read once when the listener or the pooled client is built: a reload cannot change them.
 RESTART_ONLY = {
-    "server": ("host", "port", "keepalive_timeout", "max_concurrency"),
+    "server": (
+        "host",
+        "port",
+        "keepalive_timeout",
+        "max_concurrency",
+        "header_timeout",
+        "body_timeout",
+        "max_header_bytes",
+        "max_headers",
+    ),
     "upstream": ("connect_timeout", "max_connections", "keepalive_expiry"),
+    # The admin listener and the log handlers are built at start too.
+    "admin": ("enabled", "host", "port"),
+    "logging": ("level", "format"),
 }
 
 

@@ -24,6 +24,7 @@ from proxy.app import RuntimeHolder, create_app
 from proxy.config import Config, is_loopback
 from proxy.guard import SHUTDOWN
 from proxy.logs import dict_config
+from proxy.protocol import protocol_class
 from proxy.reload import Reloader
 from proxy.settings import ConfigError
 from proxy.systemd import Notifier
@@ -51,12 +52,16 @@ def check_bind(config: Config, authenticated: bool) -> None:
 
 def uvicorn_config(config: Config, app: Starlette | None = None) -> uvicorn.Config:
     server = config.server
+    app = create_app(config) if app is None else app
+    metrics = getattr(app.state, "metrics", None)
     return uvicorn.Config(
-        create_app(config) if app is None else app,
+        app,
         host=server.host,
         port=server.port,
         loop="uvloop",
-        http="httptools",
+        # httptools with head/body timeouts and head limits (proxy.protocol); no websockets.
+        http=protocol_class(server, metrics.refused if metrics is not None else None),
+        ws="none",
         lifespan="on",
         access_log=False,  # one structured line per request comes from vgate itself
         log_level=config.logging.level,
@@ -97,9 +102,10 @@ class VgateServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.started or self.should_exit:
             return
-        loop = asyncio.get_running_loop()
         if self.reloader is not None:
-            loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+            # Signals reach only the main thread's loop (tests run servers on other threads).
+            with contextlib.suppress(ValueError, RuntimeError):
+                asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_hup)
         interval = self.notifier.watchdog_interval
         if interval is not None:
             self._spawn(self._watchdog(interval))

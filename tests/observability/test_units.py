@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import logging.config
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -21,7 +23,15 @@ from proxy.errors import (
     UpstreamTimeout,
     VgateError,
 )
-from proxy.logs import REQUEST_ID, JsonFormatter, TextFormatter, dict_config
+from proxy.logs import (
+    REQUEST_ID,
+    JsonFormatter,
+    StderrHandler,
+    TextFormatter,
+    dict_config,
+    flush_handlers,
+    request_record,
+)
 from proxy.metrics import OUTCOMES, reason_label, upstream_label
 from proxy.observe import classify
 from proxy.settings import ConfigError
@@ -137,3 +147,25 @@ def test_labels_from_outcomes_are_bounded() -> None:
     assert reason_label("has space") == "other" and reason_label("x" * 65) == "other"
     assert reason_label(3) == "other" and reason_label(None) == "other"
     assert upstream_label("engine:a tiny") == "engine:a" and upstream_label(None) == "none"
+
+
+def test_batched_lines_are_written_at_flush_others_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "stderr"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        handler = StderrHandler(fd)
+        handler.setFormatter(JsonFormatter())
+        handler.handle(request_record("vgate.request", "request", "r1", 1.5, {"status": 200}))
+        assert path.read_bytes() == b""
+        handler.handle(_record(status=500))  # an ordinary record: written now, with the batch
+        lines = [orjson.loads(line) for line in path.read_bytes().splitlines()]
+        assert [line.get("request_id") for line in lines] == ["r1", None]
+        assert lines[0]["ts"] == "1970-01-01T00:00:01.500Z" and lines[0]["status"] == 200
+        handler.handle(request_record("vgate.request", "request", "r2", 2.0, {}))
+        logger = logging.getLogger("vgate.test_flush")
+        logger.addHandler(handler)
+        flush_handlers(logger)
+        logger.removeHandler(handler)
+        assert orjson.loads(path.read_bytes().splitlines()[-1])["request_id"] == "r2"
+    finally:
+        os.close(fd)

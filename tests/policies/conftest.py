@@ -64,7 +64,10 @@ def auth_table(*keys: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_services(
-    client: httpx.AsyncClient, policies: dict[str, Any], upstream_url: str, max_model_len: int
+    client: httpx.AsyncClient,
+    policies: dict[str, Any],
+    upstream_url: str,
+    max_model_len: int | None,
 ) -> Services:
     """Services for building policies directly: one model `tiny` on `upstream_url`."""
     cfg = config_module.from_dict(

@@ -9,9 +9,14 @@ from typing import Any
 
 import httpx
 import pytest
+from starlette.datastructures import Headers
 
+from policies import build_policies
+from proxy.errors import ContextLengthExceeded
+from proxy.pipeline import ProxyRequest, ProxyResponse
 from tests.conftest import ProxyFactory
 from tests.fakes.vllm import FakeVLLM, prompt_tokens
+from tests.policies.conftest import make_services
 
 WINDOW = 256
 SYSTEM = {"role": "system", "content": "Be brief."}
@@ -176,9 +181,33 @@ def test_completions_prompt_is_rejected_or_clamped(proxy: ProxyFactory, upstream
     assert upstream.completions[0].body["max_tokens"] == WINDOW - 201
 
 
-def test_no_window_known_means_no_truncation(proxy: ProxyFactory, fake: FakeVLLM) -> None:
+def test_a_conversation_that_fits_is_untouched(proxy: ProxyFactory, fake: FakeVLLM) -> None:
     # The shared fake's window is 2048: this conversation fits, so nothing changes.
     base = start(proxy, fake, strategy="reject")
     r = post(base, messages=conversation(10), max_tokens=16)
     assert r.status_code == 200
     assert "x-vgate-truncated" not in r.headers
+
+
+async def test_the_window_from_tokenize_serves_when_monitors_know_none(
+    upstream: FakeVLLM,
+) -> None:
+    async with httpx.AsyncClient() as client:
+        policies = {"order": ["truncate"], "truncate": {"strategy": "reject"}}
+        services = make_services(client, policies, upstream.base_url, None)
+        (policy,) = build_policies(services.config, "tiny", services)
+
+        async def forward(request: ProxyRequest) -> ProxyResponse:
+            return ProxyResponse(200, "application/json", b"{}")
+
+        def request(messages: list[Any]) -> ProxyRequest:
+            body = {"model": "tiny", "messages": messages, "max_tokens": 16}
+            return ProxyRequest("chat/completions", "tiny", body, Headers(), "rid", False)
+
+        small = [{"role": "user", "content": "hello"}]
+        await policy(request(small), forward)
+        assert tokenize_calls(upstream) == 2
+        await policy(request(small), forward)
+        assert tokenize_calls(upstream) == 2  # the window /tokenize reported is remembered
+        with pytest.raises(ContextLengthExceeded):
+            await policy(request(conversation(10)), forward)

@@ -81,7 +81,7 @@ async def test_streams_are_truncated_too(proxy: ProxyFactory, vllm_server: VllmS
             stream=True,
         )
         assert int(raw.headers["x-vgate-truncated"]) > 0
-        chunks = [c async for c in await raw.parse()]
+        chunks = [c async for c in raw.parse()]
     assert chunks and all(not c.usage for c in chunks)
 
 

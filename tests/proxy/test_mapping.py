@@ -174,6 +174,20 @@ def test_hop_by_hop_headers_not_forwarded(router: respx.MockRouter, client: Test
     assert "X-Secret" not in outbound.get("connection", "")
 
 
+def test_upstream_response_headers_do_not_leak(
+    router: respx.MockRouter, client: TestClient
+) -> None:
+    router.post("/v1/chat/completions").respond(
+        200,
+        json=ANSWER,
+        headers={"set-cookie": "engine=1", "server": "uvicorn", "x-internal-node": "gpu-7"},
+    )
+    r = client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    for name in ("set-cookie", "server", "x-internal-node"):
+        assert name not in r.headers
+
+
 def test_request_id_kept_or_made(router: respx.MockRouter, client: TestClient) -> None:
     router.post("/v1/chat/completions").respond(200, json=ANSWER)
     r = client.post("/v1/chat/completions", json=CHAT, headers={"X-Request-ID": "trace-1"})
@@ -204,6 +218,13 @@ def test_request_id_kept_or_made(router: respx.MockRouter, client: TestClient) -
         ("/v1/completions", b'{"model": "tiny", "prompt": "x", "max_tokens": -1}', "max_tokens"),
         ("/v1/completions", b'{"model": "tiny", "prompt": "x", "n": 1000}', "n"),
         ("/v1/completions", b'{"model": "tiny", "prompt": "x", "n": 0}', "n"),
+        (
+            "/v1/chat/completions",
+            orjson.dumps(
+                {"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 10_001}
+            ),
+            "messages",
+        ),
     ],
 )
 def test_bad_requests_are_400_and_not_forwarded(
@@ -239,6 +260,16 @@ def test_hostile_json_is_400_before_any_upstream_call(
     r = client.post("/v1/completions", content=body)
     assert_openai_error(r, 400)
     assert completions(router) == []
+
+
+def test_rejected_bodies_never_count_against_the_upstream(
+    router: respx.MockRouter, client: TestClient
+) -> None:
+    router.post("/v1/completions").respond(200, json=ANSWER)
+    for _ in range(10):  # more than the breaker's fail_max
+        assert client.post("/v1/completions", content=nested(300)).status_code == 400
+    assert client.post("/v1/completions", json={"model": "tiny", "prompt": "x"}).status_code == 200
+    assert len(completions(router)) == 1
 
 
 def test_deep_but_legal_json_is_forwarded(router: respx.MockRouter, client: TestClient) -> None:

@@ -113,10 +113,13 @@ async def run_load(gw: Gateway, seconds: float, workers: int) -> list[tuple[floa
     return results
 
 
-def upstream_state(gw: Gateway, url: str) -> dict[str, object]:
-    state: dict[str, object] = httpx.get(gw.base_url + "/ready", timeout=5).json()["upstreams"][
-        "tiny"
-    ][url]
+async def ready(gw: Gateway) -> httpx.Response:
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=5) as client:
+        return await client.get("/ready")
+
+
+async def upstream_state(gw: Gateway, url: str) -> dict[str, object]:
+    state: dict[str, object] = (await ready(gw)).json()["upstreams"]["tiny"][url]
     return state
 
 
@@ -147,18 +150,17 @@ async def test_killed_engine_is_routed_around_marked_down_and_back_when_restarte
     after = [served for began, _, served in during if began > killed_at + 0.1]
     assert after and all(served.startswith(first) for served in after)
 
-    state = upstream_state(gw, second)
+    state = await upstream_state(gw, second)
     assert state["healthy"] is False
-    ready = httpx.get(gw.base_url + "/ready", timeout=5)
-    assert ready.status_code == 200  # the model still has a healthy engine
+    assert (await ready(gw)).status_code == 200  # the model still has a healthy engine
 
     await asyncio.to_thread(second_engine.start)
     deadline = time.monotonic() + 30
-    while upstream_state(gw, second)["healthy"] is not True:
+    while (await upstream_state(gw, second))["healthy"] is not True:
         assert time.monotonic() < deadline, "the restarted engine was never marked up"
         await asyncio.sleep(0.25)
     await asyncio.sleep(2.0)  # the breaker's reset timeout, if it opened
     back = await run_load(gw, 3.0, workers=4)
     assert {status for _, status, _ in back} == {200}
     assert any(served.startswith(second) for _, _, served in back)
-    assert upstream_state(gw, second)["breaker"] == "closed"
+    assert (await upstream_state(gw, second))["breaker"] == "closed"

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import http.client
+import json
 import os
 import signal
 import subprocess
@@ -78,7 +79,30 @@ class Sandbox:
         self._pool: ThreadPoolExecutor | None = None
 
     # ------------------------------------------------------------------ lifecycle
+    def reap_stale(self) -> None:
+        """Kill guests left by test runs that died without closing theirs (SIGKILL, timeout).
+
+        Only our own cgroups (`vgate-test-PID`) whose PID is gone: their processes were
+        started by such a run, and a guest's PID 1 takes its whole pid namespace with it.
+        """
+        for stale in self.cgroup.parent.glob("vgate-test-*"):
+            owner = stale.name.rsplit("-", 1)[-1]
+            if stale == self.cgroup or not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                continue
+            for procs in stale.rglob("cgroup.procs"):
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            for path in [*sorted(stale.rglob("*"), key=lambda p: -len(p.parts)), stale]:
+                while path.is_dir() and time.monotonic() < deadline:
+                    try:
+                        path.rmdir()
+                    except OSError:
+                        time.sleep(0.1)
+
     def boot(self, timeout: float = 30.0) -> Sandbox:
+        self.reap_stale()
         (self.cgroup / "supervisor").mkdir(parents=True, exist_ok=True)
         (self.cgroup / "payload").mkdir(exist_ok=True)
         ns = self.workdir / "ns"
@@ -215,15 +239,15 @@ class Sandbox:
         finally:
             os.close(fd)
 
-    def http(
+    def connect(
         self,
         method: str,
         port: int,
         path: str,
         body: bytes | None = None,
         timeout: float = 30.0,
-    ) -> http.client.HTTPResponse:
-        """A request to 127.0.0.1:port of the guest; read the response from any thread.
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """A request to 127.0.0.1:port of the guest; the caller reads and closes.
 
         setns() changes only the calling thread, so the socket is opened on pool threads that
         joined the guest's network namespace (a socket keeps its namespace for life).
@@ -231,23 +255,34 @@ class Sandbox:
         if self._pool is None:
             self._pool = ThreadPoolExecutor(4, initializer=self._join_netns)
 
-        def call() -> http.client.HTTPResponse:
+        def call() -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
             conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
-            headers = {"content-type": "application/json"} if body is not None else {}
-            conn.request(method, path, body=body, headers=headers)
-            return conn.getresponse()
+            try:
+                headers = {"content-type": "application/json"} if body is not None else {}
+                conn.request(method, path, body=body, headers=headers)
+                return conn, conn.getresponse()
+            except BaseException:
+                conn.close()
+                raise
 
         return self._pool.submit(call).result(timeout + 5)
 
-    def get_json(self, port: int, path: str) -> tuple[int, Any]:
-        import json
+    def fetch(
+        self, method: str, port: int, path: str, body: bytes | None = None, timeout: float = 30.0
+    ) -> tuple[int, bytes]:
+        """Status and body of one request; status 0 when nothing answers."""
+        try:
+            conn, resp = self.connect(method, port, path, body, timeout)
+        except OSError:
+            return 0, b""
+        try:
+            return resp.status, resp.read()
+        finally:
+            conn.close()
 
+    def get_json(self, port: int, path: str) -> tuple[int, Any]:
+        status, data = self.fetch("GET", port, path, timeout=5)
         try:
-            resp = self.http("GET", port, path, timeout=5)
-        except OSError as exc:
-            return 0, str(exc)
-        data = resp.read()
-        try:
-            return resp.status, json.loads(data) if data else None
+            return status, json.loads(data) if data else None
         except ValueError:
-            return resp.status, data.decode(errors="replace")
+            return status, data.decode(errors="replace")

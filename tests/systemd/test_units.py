@@ -85,3 +85,23 @@ def test_proxy_exposure_at_most_2(rendered: Path) -> None:
     assert match, result.stdout[-2000:] + result.stderr
     assert float(match.group(1)) <= 2.0
     assert result.returncode == 0, result.stderr
+
+
+def test_staging_install_keeps_an_edited_config_and_uninstall_reverses(tmp_path: Path) -> None:
+    layout = Layout(tmp_path / "root")
+    Installer(layout, say=lambda _: None).install()
+    config = layout.at(layout.config)
+    assert config.stat().st_mode & 0o777 == 0o640
+    config.write_text("# edited\n")
+    Installer(layout, say=lambda _: None).install()  # an upgrade
+    assert config.read_text() == "# edited\n"
+    wants = layout.at(layout.unit_dir) / "vgate.target.wants"
+    wants.mkdir()
+    (wants / "vgate-engine@tiny.service").symlink_to("../vgate-engine@.service")
+
+    Installer(layout, say=lambda _: None).uninstall()
+    assert not any(layout.at(layout.unit_dir).iterdir())
+    assert config.exists()
+    Installer(layout, say=lambda _: None).uninstall(purge=True)
+    assert not config.parent.exists()
+    assert not layout.at(layout.sysusers).exists()
