@@ -36,8 +36,7 @@ class _OpenedAt(pybreaker.CircuitBreakerListener):
         self._owner = owner
 
     def state_change(self, cb: object, old_state: object, new_state: object) -> None:
-        if getattr(new_state, "name", None) == OPEN:
-            self._owner._opened()
+        self._owner._changed(getattr(new_state, "name", CLOSED))
 
 
 class Breaker:
@@ -64,6 +63,10 @@ class Breaker:
         self._clock = clock
         self._opened_at = 0.0
         self._probes = 0
+        # Mirrors of pybreaker's state and "some failure is on record", kept by its listener
+        # and by us: the hot path reads two attributes instead of its storage properties.
+        self._closed = True
+        self._dirty = False
         # throw_new_error_on_trip=False: a replayed failure that trips the breaker must not
         # turn into pybreaker's own error; the caller already has the real one.
         self.cb = pybreaker.CircuitBreaker(
@@ -92,6 +95,8 @@ class Breaker:
 
     def allows(self) -> bool:
         """Whether `admit()` would let a call through now; no side effects (for balancing)."""
+        if self._closed:
+            return True
         state = self.cb.current_state
         if state == CLOSED:
             return True
@@ -104,6 +109,8 @@ class Breaker:
 
         Returns True when the call is a half-open probe: pass that to the outcome method.
         """
+        if self._closed:
+            return False
         state = self.cb.current_state
         if state == CLOSED:
             return False
@@ -118,6 +125,8 @@ class Breaker:
 
     def success(self, probe: bool) -> None:
         """The upstream answered (any status below 500)."""
+        if not probe and self._closed and not self._dirty:
+            return  # the hot path: closed, nothing on record to reset
         if probe:
             self._probes -= 1
             if self.cb.current_state != HALF_OPEN:
@@ -128,6 +137,7 @@ class Breaker:
             return
         with self.cb.calling():
             pass
+        self._dirty = False
 
     def failure(self, probe: bool) -> None:
         """Transport error, timeout or 5xx."""
@@ -137,6 +147,7 @@ class Breaker:
                 return
         elif self.cb.current_state != CLOSED:
             return  # already open: a late failure must not restart the reset timer
+        self._dirty = True
         with contextlib.suppress(_Failure, pybreaker.CircuitBreakerError), self.cb.calling():
             raise _Failure
 
@@ -145,9 +156,13 @@ class Breaker:
         if probe:
             self._probes -= 1
 
-    def _opened(self) -> None:
-        self._opened_at = self._clock()
-        self.trips += 1
+    def _changed(self, state: str) -> None:
+        self._closed = state == CLOSED
+        if state == OPEN:
+            self._opened_at = self._clock()
+            self.trips += 1
+        elif state == CLOSED:
+            self._dirty = False  # closing resets pybreaker's counter
 
     def _reject(self) -> CircuitOpen:
         self.rejected += 1

@@ -1,9 +1,9 @@
 """vgate's metric families (one set per app) and what fills them.
 
-Per request, `ProxyMetrics.record` adds to counters and histograms through cached children (a dict
-lookup and an add each). State that already lives somewhere (upstream health, engine load, queue
-depth, breaker state, requests in flight) is read at scrape time by a collector instead, so it
-costs nothing per request.
+For each finished request (in batches: `proxy.observe`), `ProxyMetrics.record` adds to counters
+and histograms through cached children (a dict lookup and an add each). State that already
+lives somewhere (upstream health, engine load, queue depth, breaker state, requests in flight)
+is read at scrape time by a collector instead, so it costs nothing per request.
 
 Labels are bounded: `model` is a configured model name or "unknown", `upstream` a configured
 upstream label, `key` a configured key name, reasons short identifiers set by our own code (others
@@ -12,11 +12,14 @@ become "other"). Never a raw key, a prompt or a request id.
 Keys other stages set in `request.outcome` (see docs-drafts/observability.md):
 
     rate_limited: str      which limit refused the request ("requests" | "tokens")
-    shed: str              why backpressure refused it ("queue_full", "queue_timeout", "kv_cache")
+    shed: str              why backpressure refused it ("queue_full", "kv_cache", ...)
     retries: int           extra upstream attempts made before the first byte
-    fallback: str          why the request left its first choice ("breaker_open", "timeout", ...)
+    fallback: str          why the request left its model ("unreachable", "unhealthy", ...)
     truncated: int         messages dropped to fit the context window
     queue_wait: float      seconds spent waiting for an upstream slot
+
+Scrape time reads `Upstream.inflight`, `.attempts`, `.failures`, `.breaker` (`current_state`,
+`trips`, `rejected`), `ModelRoute.admission.waiting` and the engine monitors, defensively.
 """
 
 from __future__ import annotations

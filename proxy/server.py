@@ -16,6 +16,8 @@ import faulthandler
 import logging
 import signal
 import socket
+from collections.abc import Coroutine
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -25,7 +27,7 @@ from proxy.config import Config, is_loopback
 from proxy.guard import SHUTDOWN
 from proxy.logs import dict_config
 from proxy.protocol import protocol_class
-from proxy.reload import Reloader
+from proxy.reload import Outcome, Reloader
 from proxy.settings import ConfigError
 from proxy.systemd import Notifier
 
@@ -87,7 +89,6 @@ class VgateServer(uvicorn.Server):
     ) -> None:
         app = create_app(config)
         super().__init__(uvicorn_config(config, app))
-        self.vgate_config = config
         self.notifier = notifier if notifier is not None else Notifier()
         self.holder: RuntimeHolder = app.state.runtime
         self.reloader = (
@@ -95,8 +96,7 @@ class VgateServer(uvicorn.Server):
             if path
             else None
         )
-        self._background: set[asyncio.Task[None]] = set()
-        self.reloads = 0  # applied reloads (for tests and STATUS=)
+        self._background: set[asyncio.Task[Any]] = set()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
@@ -115,8 +115,8 @@ class VgateServer(uvicorn.Server):
         cfg = self.holder().config
         return f"serving {len(cfg.models)} models on {cfg.server.host}:{cfg.server.port}"
 
-    def _spawn(self, coro: object) -> None:
-        task = asyncio.ensure_future(coro)  # type: ignore[call-overload]
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.create_task(coro)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
@@ -137,14 +137,11 @@ class VgateServer(uvicorn.Server):
         self.notifier.reloading()
         try:
             outcome = await self.reloader.reload()
-        finally:
-            status = self._status()
-            self.notifier.ready(status)
-        if outcome.applied:
-            self.reloads += 1
-            self.notifier.status(f"{status}; reloaded")
-        else:
-            self.notifier.status(f"{status}; last reload refused: {'; '.join(outcome.problems)}")
+        except Exception:  # READY=1 must follow RELOADING=1 whatever happened
+            log.exception("reload failed; the running config is kept")
+            outcome = Outcome(False, problems=["internal error (see the log)"])
+        note = "reloaded" if outcome.applied else f"reload refused: {'; '.join(outcome.problems)}"
+        self.notifier.ready(f"{self._status()}; {note}")
         return outcome.applied
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:

@@ -231,8 +231,7 @@ def test_reload_applies_a_good_config_and_refuses_a_bad_one(
 
             path.write_text("[models.x]\nupstreams = ['ftp://nope']\n")
             assert served.call(served.server.reload()) is False
-            status = manager.wait_for("STATUS")
-            assert "refused" in manager.drain()[-1]["STATUS"], status
+            assert "reload refused" in manager.drain()[-1]["STATUS"]
             ids = [m["id"] for m in client.get("/v1/models").json()["data"]]
             assert ids == ["tiny", "alias"]
             answer = client.post("/v1/chat/completions", json=chat(3, False) | {"model": "alias"})
