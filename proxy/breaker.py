@@ -9,7 +9,8 @@ reaches it is exactly the one we decided to count (transport errors, timeouts, 5
 4xx (a success: the engine answered) or a client cancellation (`release()`: no outcome at all).
 
 pybreaker also lets every concurrent call through while half-open; `admit()` lets at most
-`half_open_max` probes out at once and fails the rest fast, like the open state does.
+`half_open_max` probes out at once and fails the rest fast, like the open state does (a probe
+that has not answered within `reset_timeout` no longer blocks the next one).
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ class Breaker:
         self._clock = clock
         self._opened_at = 0.0
         self._probes = 0
+        # A probe that hangs must not keep the breaker half-open forever: after reset_timeout
+        # another one may go.
+        self._probe_expiry = 0.0
         # Mirrors of pybreaker's state and "some failure is on record", kept by its listener
         # and by us: the hot path reads two attributes instead of its storage properties.
         self._closed = True
@@ -102,7 +106,7 @@ class Breaker:
             return True
         if state == OPEN:
             return self._clock() >= self._opened_at + self.reset_timeout
-        return self._probes < self.half_open_max
+        return self._probes < self.half_open_max or self._clock() >= self._probe_expiry
 
     def admit(self) -> bool:
         """Let one call through, or raise CircuitOpen without touching the upstream.
@@ -118,9 +122,11 @@ class Breaker:
             if self._clock() < self._opened_at + self.reset_timeout:
                 raise self._reject()
             self.cb.half_open()
-        if self._probes >= self.half_open_max:
+        now = self._clock()
+        if self._probes >= self.half_open_max and now < self._probe_expiry:
             raise self._reject()
         self._probes += 1
+        self._probe_expiry = now + self.reset_timeout
         return True
 
     def success(self, probe: bool) -> None:

@@ -196,6 +196,8 @@ class Forwarder:
                     or time.monotonic() >= deadline
                     or not (_free_failover(exc, chain, tried) or self.budget.spend())
                 ):
+                    if attempt > 1:
+                        request.outcome["retries"] = attempt - 1
                     raise
                 continue
             if attempt > 1:

@@ -88,6 +88,8 @@ def server(
         fake.base_url,
         admin={"enabled": True, "port": 0},
         logging={"level": "debug"},
+        # One attempt per request: the counts below assume the 500 is not retried.
+        resilience={"retry": {"attempts": 1}},
         policies={
             "order": ["auth", "test_outcome"],
             "auth": {"keys": [{"name": "alice", "sha256": key[1]}]},

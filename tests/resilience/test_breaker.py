@@ -161,3 +161,18 @@ async def test_an_awaited_attempt_is_counted_by_its_outcome() -> None:
         except ConnectionError:
             breaker.failure(probe)
     assert breaker.current_state == "open"
+
+
+def test_a_hung_probe_stops_blocking_after_the_reset_timeout() -> None:
+    breaker, clock = make(fail_max=1, reset=5.0, probes=1)
+    breaker.failure(False)
+    clock.now += 5.0
+    assert breaker.admit() is True  # this probe never answers
+    clock.now += 4.9
+    with pytest.raises(CircuitOpen):
+        breaker.admit()
+    clock.now += 0.1
+    assert breaker.allows()
+    assert breaker.admit() is True
+    breaker.success(True)
+    assert breaker.current_state == "closed"
