@@ -15,7 +15,7 @@ from collections.abc import Container, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from proxy.forward import Upstream
+    from proxy.forward import ModelRoute, Upstream
 
 # Affinity yields to least-outstanding when its choice has this many more requests in flight
 # than the least busy candidate, plus the same again as a fraction of that candidate's load.
@@ -87,3 +87,31 @@ def pick(
             best = target
     choice.upstream = best
     return best
+
+
+def choose(
+    chain: list[ModelRoute],
+    choice: Choice,
+    tried: list[Upstream],
+    refused: list[Upstream],
+    key: int | None,
+    kv_limit: float | None,
+) -> ModelRoute | None:
+    """The route and upstream (in `choice`) to try next, in order of preference: untried and
+    healthy, then tried and healthy (a retry), then upstreams the monitor reports as failing."""
+    skip: list[Upstream] = tried + refused if refused else tried
+    for unhealthy in (False, True):
+        for excluded in (skip, refused):
+            for route in chain:
+                if pick(
+                    route.upstreams,
+                    choice,
+                    skip=excluded,
+                    unhealthy=unhealthy,
+                    kv_limit=kv_limit,
+                    key=key,
+                ):
+                    return route
+            if not tried:
+                break
+    return None

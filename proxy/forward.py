@@ -7,44 +7,35 @@ that upstream's breaker and, while attempts, the deadline and the shared retry b
 request moves to another upstream (or backs off and retries the same one). Once a byte has gone
 to the client nothing is retried: a failure then ends the stream with an error event.
 
-Streams are peeked: the first chunk is read before the response is handed back, so an upstream
-that fails before its first event is retried and the client sees one coherent stream.
+One attempt (the HTTP exchange, the stream peek and relay) is proxy.attempt; the choice of
+upstream is proxy.balance; slots and queueing proxy.admission; the breaker proxy.breaker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
-
 from engine.monitor import EngineMonitor
 from proxy.admission import Admission
-from proxy.balance import Choice, affinity_key, pick
+from proxy.attempt import Lease, Sender, timed_out
+from proxy.balance import Choice, affinity_key, choose
 from proxy.breaker import Breaker
 from proxy.config import ResilienceConfig
 from proxy.errors import (
     CircuitOpen,
     ContextLengthExceeded,
-    InvalidRequest,
     UpstreamError,
     UpstreamServerError,
-    UpstreamStreamBroken,
     UpstreamTimeout,
     UpstreamUnreachable,
 )
 from proxy.pipeline import ProxyRequest, ProxyResponse
 from proxy.retry import RetryBudget, backoff
-from proxy.sse import UsageTap, usage_of
-from proxy.upstream import UpstreamClient, UpstreamResponse, upstream_errors
+from proxy.upstream import UpstreamClient
 
-# What vLLM says when a prompt does not fit its window (renderers/params.py, input_processor.py).
-_OVERFLOW_MARKS = (b"maximum context length", b"maximum model length")
-# proxy.guard cancels the request task with its reason: these are the upstream's fault.
-_TIMEOUT_REASONS = ("first_byte_timeout", "idle_timeout")
 _MAX_ROUNDS = 32
 
 
@@ -105,36 +96,6 @@ class ModelRoute:
         return min(candidates, key=lambda u: u.inflight)
 
 
-class _Lease:
-    """One attempt's hold on an upstream: its slot and, while half-open, its probe."""
-
-    __slots__ = ("probe", "released", "route", "upstream")
-
-    def __init__(self, route: ModelRoute, upstream: Upstream, probe: bool) -> None:
-        self.route = route
-        self.upstream = upstream
-        self.probe = probe
-        self.released = False
-
-    def succeeded(self) -> None:
-        self.upstream.breaker.success(self.probe)
-        self.probe = False
-
-    def failed(self) -> None:
-        self.upstream.failures += 1
-        self.upstream.breaker.failure(self.probe)
-        self.probe = False
-
-    def abandoned(self) -> None:
-        self.upstream.breaker.release(self.probe)
-        self.probe = False
-
-    def release(self) -> None:
-        if not self.released:
-            self.released = True
-            self.route.admission.release(self.upstream)
-
-
 class Forwarder:
     """Terminal handler: the request leaves the proxy here, for a configured upstream only."""
 
@@ -146,9 +107,8 @@ class Forwarder:
         resilience: ResilienceConfig | None = None,
         chains: dict[str, list[str]] | None = None,
     ) -> None:
-        self._client = client
         self._routes = routes
-        self._auth = f"Bearer {api_key}" if api_key else None
+        self._sender = Sender(client, api_key)
         cfg = resilience or ResilienceConfig()
         self._retry = cfg.retry
         self._backpressure = cfg.backpressure
@@ -218,14 +178,14 @@ class Forwarder:
         key: int | None,
         kv_limit: float | None,
         priority: int,
-    ) -> _Lease:
+    ) -> Lease:
         """Choose an upstream and hold a slot (and a probe) on it, or raise why not."""
         refused: list[Upstream] = []
         slept = False
         # Each round either returns or excludes one more upstream (or sleeps once): bounded.
         for _ in range(_MAX_ROUNDS):
             choice = Choice()
-            route = _choose(chain, choice, tried, refused, key, kv_limit)
+            route = choose(chain, choice, tried, refused, key, kv_limit)
             upstream = choice.upstream
             if route is None or upstream is None:
                 if failure is not None:
@@ -251,24 +211,25 @@ class Forwarder:
                 admission.release(upstream)
                 refused.append(upstream)
                 continue
-            return _Lease(route, upstream, probe)
+            return Lease(route, upstream, probe)
         raise failure or _circuit_open(chain, request)
 
     async def _attempt(
-        self, lease: _Lease, request: ProxyRequest, strip_usage: bool
+        self, lease: Lease, request: ProxyRequest, strip_usage: bool
     ) -> ProxyResponse:
         """One upstream attempt with its accounting: breaker outcome, slot, counters."""
         upstream = lease.upstream
         upstream.attempts += 1
         overflow = request.model in self._overflow
+        send = self._sender.send
         try:
             timeout = self._retry.attempt_timeout
             if timeout is None:
-                response = await self.send(upstream, request, lease, strip_usage, overflow)
+                response = await send(upstream, request, lease, strip_usage, overflow)
             else:
                 try:
                     async with asyncio.timeout(timeout):
-                        response = await self.send(upstream, request, lease, strip_usage, overflow)
+                        response = await send(upstream, request, lease, strip_usage, overflow)
                 except TimeoutError:
                     raise UpstreamTimeout(
                         f"Upstream {upstream.label} sent nothing within the attempt timeout."
@@ -282,7 +243,7 @@ class Forwarder:
             lease.release()
             raise
         except asyncio.CancelledError as exc:
-            if exc.args[:1] and exc.args[0] in _TIMEOUT_REASONS:
+            if timed_out(exc):
                 lease.failed()
             else:
                 lease.abandoned()  # the client left: not the upstream's fault
@@ -296,112 +257,6 @@ class Forwarder:
         if response.stream is None:
             lease.release()
         return response
-
-    async def send(
-        self,
-        upstream: Upstream,
-        request: ProxyRequest,
-        lease: _Lease,
-        strip_usage: bool,
-        overflow: bool = False,
-    ) -> ProxyResponse:
-        """Send to `upstream`; a stream is returned only once its first chunk arrived."""
-        body = request.body
-        body["model"] = upstream.served_name
-        if request.stream:
-            # Always ask for usage: token limits and metrics reconcile from it. The client sees
-            # the usage event only if it asked (`strip_usage`). A new dict: the client's stays
-            # as sent, for a fallback that starts over from it.
-            options = body.get("stream_options")
-            body["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
-        # Only headers we choose leave: never the client's Authorization, cookies, hop-by-hop
-        # or custom-host headers; the URL is the configured upstream, whatever the body says.
-        headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream" if request.stream else "application/json",
-            "accept-encoding": "identity",
-            "x-request-id": request.request_id,
-        }
-        if self._auth:
-            headers["authorization"] = self._auth
-        url = f"{upstream.base_url}/v1/{request.route}"
-        try:
-            content = orjson.dumps(body)
-        except TypeError:
-            # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
-            raise InvalidRequest("Request body is nested too deeply.") from None
-        outbound = self._client.build_request("POST", url, content=content, headers=headers)
-        label = upstream.label
-        with upstream_errors(label):
-            response = await self._client.send(outbound, stream=True)
-        status = response.status_code
-        try:
-            if request.stream and status < 400:
-                chunks = response.aiter_raw()
-                with upstream_errors(label):
-                    first = await anext(chunks, b"")
-                if not first:
-                    raise UpstreamServerError("The upstream ended the stream before any event.")
-                relay = _relay(first, chunks, response, lease)
-                events = aiter(UsageTap(relay, request, strip=strip_usage))
-                return ProxyResponse(
-                    status=status,
-                    content_type="text/event-stream; charset=utf-8",
-                    stream=_Stream(events, relay, response, lease),
-                )
-            with upstream_errors(label):
-                content = await response.aread()
-        except BaseException:
-            await response.aclose()
-            raise
-        await response.aclose()
-        if status >= 500:
-            # 5xx bodies can carry tracebacks and paths: the client gets a generic message.
-            raise UpstreamServerError(
-                f"The upstream failed to process the request (status {status})."
-            )
-        if status < 300:
-            request.usage = usage_of(content)
-        elif status == 400 and overflow and any(m in content for m in _OVERFLOW_MARKS):
-            raise ContextLengthExceeded(
-                "The prompt is longer than this model's context window.", param="messages"
-            )
-        return ProxyResponse(
-            status=status,
-            content_type=response.headers.get("content-type", "application/json"),
-            body=content,
-        )
-
-
-def _choose(
-    chain: list[ModelRoute],
-    choice: Choice,
-    tried: list[Upstream],
-    refused: list[Upstream],
-    key: int | None,
-    kv_limit: float | None,
-) -> ModelRoute | None:
-    """The route and upstream (in `choice`) to try next, in order of preference: untried and
-    healthy, then tried and healthy (a retry), then upstreams the monitor reports as failing."""
-    skip: list[Upstream] = tried + refused if refused else tried
-    for unhealthy in (False, True):
-        for excluded in (skip, refused):
-            for route in chain:
-                if pick(
-                    route.upstreams,
-                    choice,
-                    skip=excluded,
-                    unhealthy=unhealthy,
-                    kv_limit=kv_limit,
-                    key=key,
-                ):
-                    return route
-            if not tried:
-                break
-    return None
 
 
 def _free_failover(exc: UpstreamError, chain: list[ModelRoute], tried: list[Upstream]) -> bool:
@@ -446,68 +301,3 @@ def _reason(failure: UpstreamError | None, first: ModelRoute) -> str:
     if any(u.breaker.current_state != "closed" for u in first.upstreams):
         return "breaker_open"
     return "unhealthy"
-
-
-class _Stream:
-    """The client-facing stream: iterating it iterates the relay directly (no extra layer per
-    chunk); closing it always frees the upstream, even if iteration never started."""
-
-    __slots__ = ("_events", "_lease", "_relay", "_response")
-
-    def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        relay: AsyncIterator[bytes],
-        response: UpstreamResponse,
-        lease: _Lease,
-    ) -> None:
-        self._events = events
-        self._relay = relay
-        self._response = response
-        self._lease = lease
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events
-
-    async def __anext__(self) -> bytes:
-        return await anext(self._events)
-
-    async def aclose(self) -> None:
-        try:
-            for it in (self._events, self._relay):
-                aclose = getattr(it, "aclose", None)
-                if aclose is not None:
-                    await aclose()
-        finally:
-            if not self._lease.released:
-                # The relay never started (the client left before the headers went out).
-                self._lease.abandoned()
-                self._lease.release()
-                await self._response.aclose()
-
-    def __del__(self) -> None:
-        # Last resort if a wrapper never closed us: the slot must not leak (the connection is
-        # reclaimed by the client library's own finalizer).
-        if not self._lease.released:
-            self._lease.release()
-
-
-async def _relay(
-    first: bytes, chunks: AsyncIterator[bytes], response: UpstreamResponse, lease: _Lease
-) -> AsyncIterator[bytes]:
-    """The upstream's bytes as they arrive: no buffering, no re-framing."""
-    try:
-        yield first
-        with upstream_errors(lease.upstream.label, started=True):
-            async for chunk in chunks:
-                yield chunk
-    except UpstreamStreamBroken:
-        lease.failed()
-        raise
-    except asyncio.CancelledError as exc:
-        if exc.args[:1] and exc.args[0] in _TIMEOUT_REASONS:
-            lease.failed()
-        raise
-    finally:
-        await response.aclose()
-        lease.release()
