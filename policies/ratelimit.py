@@ -98,6 +98,14 @@ class RateLimitPolicy:
         headers = _headers(charges, decision.used)
         if not decision.allowed:
             never = any(cost > b.capacity for b, cost in charges)
+            short = [
+                b
+                for (b, cost), u in zip(charges, decision.used, strict=True)
+                if b.remaining(u) < cost
+            ]
+            request.outcome["rate_limited"] = (
+                "tokens" if any(b.tokens for b in short) else "requests"
+            )
             raise RateLimited(
                 _message(charges, decision, never), headers=_refusal(headers, decision, never)
             )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -294,3 +295,20 @@ def test_log_capture_sees_json(server: ProxyServer) -> None:
     (line,) = logs.json()
     assert line["msg"] == "hello" and line["n"] == 1 and line["logger"] == "vgate.x"
     assert isinstance(logs, LineCapture)
+
+
+def test_request_ids_are_kept_or_made_sent_upstream_and_logged(
+    server: ProxyServer, fake: FakeVLLM, key: tuple[str, str]
+) -> None:
+    auth = {"authorization": f"Bearer {key[0]}"}
+    with capture_logs() as logs, httpx.Client(base_url=server.base_url, timeout=10) as client:
+        kept = client.post(CHAT, json=_chat(), headers={"x-request-id": "trace-1.a:b", **auth})
+        made = client.post(CHAT, json=_chat(), headers={"x-request-id": "has spaces", **auth})
+        scrape(server)  # records what is still batched
+    assert kept.headers["x-request-id"] == "trace-1.a:b"
+    new = made.headers["x-request-id"]
+    assert re.fullmatch(r"[0-9a-f]{24}", new)
+    upstream = [s.headers.get("x-request-id") for s in fake.seen.requests if s.method == "POST"]
+    assert upstream == ["trace-1.a:b", new]
+    lines = [line for line in logs.json() if line["msg"] == "request"]
+    assert [line["request_id"] for line in lines] == ["trace-1.a:b", new]

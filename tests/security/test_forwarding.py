@@ -193,6 +193,20 @@ def test_10mb_body_is_413_and_the_connection_stays_in_step(
     assert len(forwarded(fake)) == 1
 
 
+def test_body_under_the_limit_but_over_1mib_is_forwarded_whole(
+    fake: FakeVLLM, server: ProxyServer
+) -> None:
+    # The control for the 413s: 3 MiB is under the default 4 MiB (aiohttp needs it as a file
+    # object beyond 1 MiB, or warns; proxy.upstream).
+    body = chat_body(pad="y" * (3 * MB))
+    with Conn(server.port) as conn:
+        conn.send(request(body))
+        assert conn.response().status == 200
+    (seen,) = forwarded(fake)
+    assert seen.body["pad"] == "y" * (3 * MB)
+    assert seen.headers["content-length"] == str(len(seen.raw))
+
+
 def test_max_tokens_1e9_is_left_to_the_engine_and_not_retried(
     fake: FakeVLLM, server: ProxyServer
 ) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections.abc import Iterator
 
@@ -168,18 +169,19 @@ async def test_slow_but_timely_request_is_served(fake: FakeVLLM, server: ProxySe
 async def test_pipelined_body_waiting_on_a_long_answer_is_not_cut(
     fake: FakeVLLM, server: ProxyServer
 ) -> None:
-    # The proxy stops reading while it answers the first request; the second's body waits in
-    # the socket meanwhile. That wait is the proxy's, not the client's: no timeout for it.
-    slow = chat_body(tokens=2, fake={"first_byte_delay": 2.5 * TIMEOUT})
-    second = request(BODY)
-    head = second.index(b"\r\n\r\n") + 4
+    # While the first request is answered, the proxy stops reading once it holds 64 KiB of
+    # the second one's body (uvicorn's flow control): the rest waits in the socket. That wait
+    # is the proxy's, not the client's, and must not count against the body timeout.
+    slow = chat_body(fake={"first_byte_delay": 2.5 * TIMEOUT})
+    data = request(slow) + request(chat_body(pad="x" * 3_000_000))
 
     def exchange() -> list[int]:
         with Conn(server.port) as conn:
-            conn.send(request(slow) + second[: head + 4])
-            time.sleep(0.3)
-            conn.send(second[head + 4 :])
-            return [conn.response(within=10).status, conn.response(within=10).status]
+            sender = threading.Thread(target=conn.send, args=(data,), daemon=True)
+            sender.start()
+            statuses = [conn.response(within=10).status, conn.response(within=10).status]
+            sender.join(5)
+            return statuses
 
     statuses = await asyncio.get_running_loop().run_in_executor(None, exchange)
     assert statuses == [200, 200]
