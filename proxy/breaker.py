@@ -32,7 +32,7 @@ class _Failure(Exception):
     """What a counted failure looks like to pybreaker when it is replayed."""
 
 
-class _OpenedAt(pybreaker.CircuitBreakerListener):
+class _Mirror(pybreaker.CircuitBreakerListener):
     def __init__(self, owner: Breaker) -> None:
         self._owner = owner
 
@@ -78,7 +78,7 @@ class Breaker:
             reset_timeout=reset_timeout,
             name=name,
             throw_new_error_on_trip=False,
-            listeners=[_OpenedAt(self)],
+            listeners=[_Mirror(self)],
         )
 
     @property
@@ -138,8 +138,7 @@ class Breaker:
             if self.cb.current_state != HALF_OPEN:
                 return
         elif self.cb.current_state != CLOSED or self.cb.fail_counter == 0:
-            # The hot path: nothing to reset. A late success from before the breaker opened
-            # must not close it either.
+            # A late success from before the breaker opened must not close it.
             return
         with self.cb.calling():
             pass

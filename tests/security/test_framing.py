@@ -7,7 +7,9 @@ it: the fake's record tells. A refusal is an OpenAI-shaped 400/431 and the conne
 from __future__ import annotations
 
 import pytest
+from starlette.applications import Starlette
 
+from proxy.metrics import ProxyMetrics
 from tests.conftest import ProxyFactory
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
@@ -278,3 +280,25 @@ def test_connection_limit_overflow_is_an_openai_503(fake: FakeVLLM, proxy: Proxy
         assert response.headers["retry-after"] == "1"
         assert conn.closed()
     assert forwarded(fake) == []
+
+
+def test_refusals_are_counted_by_reason(fake: FakeVLLM, server: ProxyServer) -> None:
+    app = server.server.config.app
+    assert isinstance(app, Starlette)
+    metrics: ProxyMetrics = app.state.metrics
+
+    def count(reason: str) -> float:
+        child = metrics.http_refused._children.get((reason,))
+        return child.value if child is not None else 0.0
+
+    before = {r: count(r) for r in ("malformed", "headers_too_large", "upgrade")}
+    refused(server, FRAMING["two-different-content-lengths"])
+    refused(server, request(BODY, headers=[("X-Pad", "a" * (65 * 1024))]), 431)
+    refused(server, request(BODY, headers=[("Connection", "Upgrade"), ("Upgrade", "h2c")]))
+    assert {r: count(r) - n for r, n in before.items()} == {
+        "malformed": 1,
+        "headers_too_large": 1,
+        "upgrade": 1,
+    }
+    text = metrics.registry.render().decode()
+    assert 'vgate_http_refused_total{reason="malformed"}' in text
