@@ -173,9 +173,7 @@ async def main_async(args: argparse.Namespace) -> None:
         for _ in range(args.rounds):
             for name in ("core", "resilient"):
                 r = routes()
-                handler: Any = (
-                    CoreForwarder(client, r) if name == "core" else Forwarder(client, r, None)
-                )
+                handler: Any = CoreForwarder(client, r) if name == "core" else Forwarder(client, r)
                 n = args.requests if not stream else args.requests // 10
                 us = await run(handler, n, stream)
                 best[name] = min(best.get(name, us), us)

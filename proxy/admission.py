@@ -20,7 +20,8 @@ from proxy.errors import Overloaded
 if TYPE_CHECKING:
     from proxy.forward import Upstream
 
-# [negated priority, arrival, future]: a list so a heap entry can be compared cheaply.
+# [negated priority, arrival, future, the waiter's request outcome]: a list so a heap entry
+# compares cheaply (arrival is unique, so comparison never reaches the future).
 _Waiter = list[Any]
 
 
@@ -72,7 +73,7 @@ class Admission:
         loop = asyncio.get_running_loop()
         future: asyncio.Future[Upstream] = loop.create_future()
         self._arrivals += 1
-        heapq.heappush(self._heap, [-priority, self._arrivals, future])
+        heapq.heappush(self._heap, [-priority, self._arrivals, future, outcome])
         self.waiting += 1
         if len(self._heap) > 2 * self.queue_size + 16:
             self._compact()
@@ -109,7 +110,7 @@ class Admission:
         if victim is None or -victim[0] >= priority:
             return False
         self.waiting -= 1
-        victim[2].set_exception(self.refuse({}, "preempted"))
+        victim[2].set_exception(self.refuse(victim[3], "preempted"))
         return True
 
     def _compact(self) -> None:

@@ -71,9 +71,8 @@ class Lease:
 class Sender:
     """Sends one request to one upstream with only the headers we choose."""
 
-    def __init__(self, client: UpstreamClient, api_key: str | None) -> None:
+    def __init__(self, client: UpstreamClient) -> None:
         self._client = client
-        self._auth = f"Bearer {api_key}" if api_key else None
 
     async def send(
         self,
@@ -103,8 +102,8 @@ class Sender:
             "accept-encoding": "identity",
             "x-request-id": request.request_id,
         }
-        if self._auth:
-            headers["authorization"] = self._auth
+        if upstream.auth:
+            headers["authorization"] = upstream.auth
         url = f"{upstream.base_url}/v1/{request.route}"
         try:
             content = orjson.dumps(body)

@@ -54,12 +54,15 @@ class Upstream:
         monitor: EngineMonitor,
         *,
         breaker: Breaker | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.label = label  # as configured ("engine:tiny" or the URL): safe for headers, logs
         self.label_bytes = label.encode()
         self.base_url = base_url
         self.served_name = served_name
         self.monitor = monitor
+        # The engine's own key (the proxy's, never the client's), sent as Authorization.
+        self.auth = f"Bearer {api_key}" if api_key else None
         self.breaker = breaker if breaker is not None else Breaker(label)
         self.admission: Admission | None = None  # the model's waiting room (ModelRoute.add)
         self.inflight = 0
@@ -103,12 +106,11 @@ class Forwarder:
         self,
         client: UpstreamClient,
         routes: dict[str, ModelRoute],
-        api_key: str | None,
         resilience: ResilienceConfig | None = None,
         chains: dict[str, list[str]] | None = None,
     ) -> None:
         self._routes = routes
-        self._sender = Sender(client, api_key)
+        self._sender = Sender(client)
         cfg = resilience or ResilienceConfig()
         self._retry = cfg.retry
         self._backpressure = cfg.backpressure

@@ -75,15 +75,18 @@ class Runtime:
                     )
                 route.add(
                     Upstream(
-                        label, base_url, served, self.monitors[key], breaker=_breaker(config, label)
+                        label,
+                        base_url,
+                        served,
+                        self.monitors[key],
+                        breaker=_breaker(config, label),
+                        api_key=self._engine_api_key(label),
                     )
                 )
             self.routes[name] = route
         self.services = services = Services(config, client, self.routes)
         chains = {name: fallback_chain(config, name) for name in config.models}
-        self.forwarder = forwarder = Forwarder(
-            upstream_client, self.routes, config.upstream.api_key, resilience, chains
-        )
+        self.forwarder = forwarder = Forwarder(upstream_client, self.routes, resilience, chains)
         inner: dict[str, Handler] = {
             name: chain(build_policies(config, name, services), forwarder) for name in config.models
         }

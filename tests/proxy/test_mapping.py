@@ -150,6 +150,27 @@ def test_engine_key_is_the_proxys_own(router: respx.MockRouter) -> None:
     assert "sk-engine" not in r.text
 
 
+def test_engine_upstream_uses_that_engines_key(router: respx.MockRouter) -> None:
+    router.post("/v1/chat/completions").respond(200, json=ANSWER)
+    data = config(api_key="sk-default")
+    data["engines"] = {
+        "e": {
+            "model": "/models/x",
+            "served_name": "tiny-served",
+            "host": "engine.test",
+            "port": 8000,
+            "api_key": "sk-engine-e",
+        }
+    }
+    data["models"] = {"tiny": {"upstreams": ["engine:e"]}}
+    with client_for(router, data) as client:
+        r = client.post("/v1/chat/completions", json=CHAT)
+    assert r.status_code == 200
+    (sent,) = completions(router)
+    assert sent.headers["authorization"] == "Bearer sk-engine-e"
+    assert orjson.loads(sent.content)["model"] == "tiny-served"
+
+
 def test_hop_by_hop_headers_not_forwarded(router: respx.MockRouter, client: TestClient) -> None:
     router.post("/v1/chat/completions").respond(200, json=ANSWER)
     hop = {

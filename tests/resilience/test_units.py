@@ -104,7 +104,8 @@ async def test_a_freed_slot_goes_to_the_highest_priority_then_the_oldest_waiter(
 async def test_full_queue_sheds_the_newcomer_or_the_lowest_priority_waiter() -> None:
     adm = Admission(max_inflight=1, queue_size=2, max_wait=5, retry_after=3)
     u = upstream("a", inflight=1)
-    low = asyncio.create_task(adm.wait({}, 0, 10))
+    low_outcome: dict[str, Any] = {}
+    low = asyncio.create_task(adm.wait(low_outcome, 0, 10))
     mid = asyncio.create_task(adm.wait({}, 1, 10))
     await asyncio.sleep(0)
     outcome: dict[str, Any] = {}
@@ -117,6 +118,7 @@ async def test_full_queue_sheds_the_newcomer_or_the_lowest_priority_waiter() -> 
     with pytest.raises(Overloaded):
         await low  # preempted by the higher priority
     assert adm.shed == {"queue_full": 1, "preempted": 1}
+    assert low_outcome == {"shed": "preempted"}  # the victim's own request says why
     adm.release(u)
     assert await high is u
     adm.release(u)
