@@ -86,29 +86,34 @@ def vllm_server(
         cpu_cores="0",
         runtime_dir=str(work / "run"),
     )
-    spec = launch.build(SERVED_NAME, cfg)
-    launch.prepare(spec)
     log_path = work / "vllm.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            spec.argv,
-            env=spec.full_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            preexec_fn=procs.die_with_parent(),
-        )
+    proc = start_engine(SERVED_NAME, cfg, log_path)
     url = launch.base_url(cfg)
     try:
-        started_in = _wait_healthy(url, proc, log_path)
+        started_in = wait_healthy(url, proc, log_path)
         yield VllmServer(url, SERVED_NAME, tiny_model_dir, proc.pid, log_path, started_in)
     finally:
         procs.stop_group(proc.pid, timeout=15.0)
         proc.wait(timeout=10)
 
 
-def _wait_healthy(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> float:
+def start_engine(name: str, cfg: EngineConfig, log_path: Path) -> subprocess.Popen[bytes]:
+    """Launch an engine as `vgate engine run` would, in its own session, logging to a file."""
+    spec = launch.build(name, cfg)
+    launch.prepare(spec)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen(
+            spec.argv,
+            env=spec.full_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # one process group: stop_group reaches vLLM's workers
+            preexec_fn=procs.die_with_parent(),
+        )
+
+
+def wait_healthy(base_url: str, proc: subprocess.Popen[bytes], log_path: Path) -> float:
     started = time.monotonic()
     while time.monotonic() - started < HEALTH_TIMEOUT:
         if proc.poll() is not None:

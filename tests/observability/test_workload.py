@@ -36,7 +36,7 @@ from tests.observability.helpers import (
     value,
     wait_for,
 )
-from tests.proxy.helpers import RawClient
+from tests.proxy.helpers import RawClient, chat
 
 CHAT = "/v1/chat/completions"
 SECRET_PROMPT = "PURPLE-ELEPHANT-4242 remembers the launch code"
@@ -100,17 +100,6 @@ def server(
         yield srv
 
 
-def _chat(tokens: int = 4, stream: bool = False, **extra: Any) -> dict[str, Any]:
-    body = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Say hello"}],
-        "max_tokens": tokens,
-        "stream": stream,
-    }
-    body.update(extra)
-    return body
-
-
 def test_workload_counters_logs_and_redaction(
     server: ProxyServer, fake: FakeVLLM, key: tuple[str, str]
 ) -> None:
@@ -129,18 +118,18 @@ def test_workload_counters_logs_and_redaction(
             return client.post(path, content=content, headers=hdrs)
 
         for i in range(3):
-            r = post(f"ok-{i}", _chat(4), **auth)
+            r = post(f"ok-{i}", chat(4), **auth)
             assert r.status_code == 200 and r.headers["x-request-id"] == f"ok-{i}"
-            prompt, completion = prompt + prompt_tokens(_chat(4)), completion + 4
+            prompt, completion = prompt + prompt_tokens(chat(4)), completion + 4
             expected["tiny", chat_route, "200", "ok"] += 1
             ids[f"ok-{i}"] = "ok"
 
-        body = _chat(5, stream=True, stream_options={"include_usage": True})
+        body = chat(5, stream=True, stream_options={"include_usage": True})
         r = post("stream-usage", body, **auth)
         assert r.status_code == 200 and b"[DONE]" in r.content
         prompt, completion = prompt + prompt_tokens(body), completion + 5
         # Usage is counted even when the client did not ask for it (the proxy always does).
-        body = _chat(3, stream=True)
+        body = chat(3, stream=True)
         r = post("stream-plain", body, **auth)
         assert r.status_code == 200 and b'"usage"' not in r.content
         prompt, completion = prompt + prompt_tokens(body), completion + 3
@@ -155,33 +144,33 @@ def test_workload_counters_logs_and_redaction(
         ids["completion"] = "ok"
 
         # 4xx: unknown model, malformed JSON, no key, and the upstream's own 400.
-        assert post("nope", {**_chat(), "model": "nope"}, **auth).status_code == 404
+        assert post("nope", {**chat(), "model": "nope"}, **auth).status_code == 404
         expected["unknown", chat_route, "404", "client_error"] += 1
         assert post("bad-json", b"{not json", **auth).status_code == 400
         expected["unknown", chat_route, "400", "client_error"] += 1
-        assert post("no-key", _chat()).status_code == 401
+        assert post("no-key", chat()).status_code == 401
         expected["tiny", chat_route, "401", "client_error"] += 1
         upstream_400 = {"status": 400, "body": {"error": {"message": "bad", "type": "x"}}}
-        assert post("up-400", _chat(fake=upstream_400), **auth).status_code == 400
+        assert post("up-400", chat(fake=upstream_400), **auth).status_code == 400
         expected["tiny", chat_route, "400", "client_error"] += 1
-        assert post("up-500", _chat(fake={"status": 500}), **auth).status_code == 502
+        assert post("up-500", chat(fake={"status": 500}), **auth).status_code == 502
         expected["tiny", chat_route, "502", "upstream_error"] += 1
         ids |= {"nope": "client_error", "bad-json": "client_error", "no-key": "client_error"}
         ids |= {"up-400": "client_error", "up-500": "upstream_error"}
 
         # A stream that breaks after it started: 200 sent, then an error event.
-        r = post("broken", _chat(8, stream=True, fake={"reset_after_events": 2}), **auth)
+        r = post("broken", chat(8, stream=True, fake={"reset_after_events": 2}), **auth)
         assert r.status_code == 200 and b"upstream_stream_broken" in r.content
         expected["tiny", chat_route, "200", "stream_failed"] += 1
         ids["broken"] = "stream_failed"
 
         # Policies' refusals and a fallback, as their stages report them in request.outcome.
-        r = post("limited", _chat(), **auth, **{"x-test-outcome": "rate_limited"})
+        r = post("limited", chat(), **auth, **{"x-test-outcome": "rate_limited"})
         assert r.status_code == 429
-        assert post("shed", _chat(), **auth, **{"x-test-outcome": "shed"}).status_code == 503
-        r = post("fallback", _chat(4), **auth, **{"x-test-outcome": "fallback"})
+        assert post("shed", chat(), **auth, **{"x-test-outcome": "shed"}).status_code == 503
+        r = post("fallback", chat(4), **auth, **{"x-test-outcome": "fallback"})
         assert r.status_code == 200
-        prompt, completion = prompt + prompt_tokens(_chat(4)), completion + 4
+        prompt, completion = prompt + prompt_tokens(chat(4)), completion + 4
         expected["tiny", chat_route, "429", "rate_limited"] += 1
         expected["tiny", chat_route, "503", "shed"] += 1
         expected["tiny", chat_route, "200", "ok"] += 1
@@ -197,11 +186,11 @@ def test_workload_counters_logs_and_redaction(
 
         # Cancelled mid-stream (client leaves after the first event) and before any byte.
         with RawClient(server.base_url) as raw:
-            body = _chat(50, stream=True, fake={"token_delay": 0.05})
+            body = chat(50, stream=True, fake={"token_delay": 0.05})
             raw.send("POST", CHAT, orjson.dumps(body), {"x-request-id": "gone-mid", **auth})
             raw.read_until(b"data: ")
         with RawClient(server.base_url) as raw:
-            body = _chat(fake={"first_byte_delay": 5})
+            body = chat(fake={"first_byte_delay": 5})
             raw.send("POST", CHAT, orjson.dumps(body), {"x-request-id": "gone-early", **auth})
             _wait_until(lambda: _seen(fake, "gone-early"))
         expected["tiny", chat_route, "200", "cancelled"] += 1
@@ -258,7 +247,7 @@ def test_workload_counters_logs_and_redaction(
         assert by_id[rid]["level"] == "info" and by_id[rid]["path"].startswith("/v1/")
     ok = by_id["ok-0"]
     assert ok["status"] == 200 and ok["model"] == "tiny" and ok["key"] == "alice"
-    assert ok["prompt_tokens"] == prompt_tokens(_chat(4)) and ok["completion_tokens"] == 4
+    assert ok["prompt_tokens"] == prompt_tokens(chat(4)) and ok["completion_tokens"] == 4
     assert ok["upstream"] == f"{fake.base_url} tiny" and ok["latency_ms"] > 0
     assert ok["ttft_ms"] is None and by_id["stream-usage"]["ttft_ms"] > 0
     assert by_id["broken"]["error"] == "upstream_stream_broken"
@@ -302,8 +291,8 @@ def test_request_ids_are_kept_or_made_sent_upstream_and_logged(
 ) -> None:
     auth = {"authorization": f"Bearer {key[0]}"}
     with capture_logs() as logs, httpx.Client(base_url=server.base_url, timeout=10) as client:
-        kept = client.post(CHAT, json=_chat(), headers={"x-request-id": "trace-1.a:b", **auth})
-        made = client.post(CHAT, json=_chat(), headers={"x-request-id": "has spaces", **auth})
+        kept = client.post(CHAT, json=chat(), headers={"x-request-id": "trace-1.a:b", **auth})
+        made = client.post(CHAT, json=chat(), headers={"x-request-id": "has spaces", **auth})
         scrape(server)  # records what is still batched
     assert kept.headers["x-request-id"] == "trace-1.a:b"
     new = made.headers["x-request-id"]

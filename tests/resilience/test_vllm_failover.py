@@ -27,9 +27,10 @@ from tests.vllm_fixtures import (
     MAX_MODEL_LEN,
     SERVED_NAME,
     VllmServer,
-    _wait_healthy,
     free_port,
     require_engine_python,
+    start_engine,
+    wait_healthy,
 )
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -57,21 +58,10 @@ class SecondEngine:
         self.starts = 0
 
     def start(self) -> float:
-        spec = launch.build("second", self.cfg)
-        launch.prepare(spec)
         self.starts += 1
         log_path = self.work / f"vllm-{self.starts}.log"
-        with open(log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                spec.argv,
-                env=spec.full_env(),
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=procs.die_with_parent(),
-            )
-        return _wait_healthy(self.base_url, self.proc, log_path)
+        self.proc = start_engine("second", self.cfg, log_path)
+        return wait_healthy(self.base_url, self.proc, log_path)
 
     def kill(self) -> None:
         assert self.proc is not None
