@@ -56,7 +56,10 @@ typecheck: proxy-venv
 
 check: lint typecheck
 
+# wrk (C) drives the throughput phases: a Python load generator cannot outrun the proxy.
 bench: proxy-venv
+	@command -v wrk >/dev/null || { \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(VENV)/bin/python bench/proxy_bench.py
 
 clean:

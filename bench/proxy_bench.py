@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,10 +124,11 @@ class Run:
     statuses: Counter[str] = field(default_factory=Counter)
     events: int = 0
     incomplete: int = 0
+    requests: int | None = None  # when the load generator reports no per-request latencies
 
     @property
     def count(self) -> int:
-        return len(self.latencies)
+        return len(self.latencies) if self.requests is None else self.requests
 
     def pct(self, values: list[float], q: float) -> float:
         if not values:
@@ -196,6 +198,60 @@ async def closed_loop(
     return run
 
 
+# wrk (C, one thread) drives the throughput phases when installed: this Python generator tops
+# out near the fake's own rate on a shared core, below the proxy's target. The script counts
+# events and incomplete streams per response, like `one_stream`.
+WRK_SCRIPT = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+wrk.body = os.getenv("VGATE_BENCH_BODY")
+local stream = os.getenv("VGATE_BENCH_STREAM") == "1"
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) events = 0; incomplete = 0; bad = 0 end
+function response(status, headers, body)
+  if status ~= 200 then bad = bad + 1 end
+  local _, n = string.gsub(body, "\\n\\n", "")
+  events = events + n
+  if stream and status == 200 and string.sub(body, -14) ~= "data: [DONE]\\n\\n" then
+    incomplete = incomplete + 1
+  end
+end
+function done(summary, latency, requests)
+  local e, i, b = 0, 0, 0
+  for _, t in ipairs(threads) do
+    e = e + t:get("events"); i = i + t:get("incomplete"); b = b + t:get("bad")
+  end
+  local errors = summary.errors.connect + summary.errors.read + summary.errors.write
+    + summary.errors.timeout
+  io.write(string.format("VGATE %d %d %d %d %d %f\\n", summary.requests, e, i, b, errors,
+    summary.duration / 1e6))
+end
+"""
+
+
+def wrk_loop(url: str, concurrency: int, *, stream: bool, seconds: float, script: Path) -> Run:
+    """The closed loop of `closed_loop`, driven by wrk."""
+    body = (STREAM if stream else CHAT).decode()
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
+        env={**os.environ, "VGATE_BENCH_BODY": body, "VGATE_BENCH_STREAM": str(int(stream))},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    line = next(x for x in out.splitlines() if x.startswith("VGATE "))
+    requests, events, incomplete, bad, errors, duration = line.split()[1:]
+    run = Run(seconds=float(duration), events=int(events), incomplete=int(incomplete))
+    run.requests = int(requests)
+    run.statuses["200"] = int(requests) - int(bad)
+    if int(bad):
+        run.statuses["not 200"] = int(bad)
+    if int(errors):
+        run.statuses["socket errors"] = int(errors)
+    return run
+
+
 # -- the run ---------------------------------------------------------------------------------
 
 
@@ -211,15 +267,23 @@ class PathResult:
     rss: float | None = None
 
 
-async def measure(base: str, pid: int, seconds: float, latency_n: int) -> PathResult:
+async def measure(
+    base: str, pid: int, seconds: float, latency_n: int, wrk: Path | None
+) -> PathResult:
     """All phases against `base`; CPU and RSS are those of process `pid` (the server)."""
     chat = f"{base}/v1/chat/completions"
     await closed_loop(chat, 16, stream=False, per_worker=50)  # warm up pools and caches
     c1 = await closed_loop(chat, 1, stream=False, per_worker=latency_n)
     cpu0 = cpu_seconds(pid)
-    c16 = await closed_loop(chat, 16, stream=False, seconds=seconds)
+    if wrk is not None:
+        c16 = wrk_loop(chat, 16, stream=False, seconds=seconds, script=wrk)
+    else:
+        c16 = await closed_loop(chat, 16, stream=False, seconds=seconds)
     cpu1 = cpu_seconds(pid)
-    streams = await closed_loop(chat, 16, stream=True, seconds=seconds)
+    if wrk is not None:
+        streams = wrk_loop(chat, 16, stream=True, seconds=seconds, script=wrk)
+    else:
+        streams = await closed_loop(chat, 16, stream=True, seconds=seconds)
     cpu2 = cpu_seconds(pid)
     ttft = await closed_loop(chat, 128, stream=True, per_worker=3)
     result = PathResult(c1, c16, streams, ttft)
@@ -405,6 +469,10 @@ async def main_async(args: argparse.Namespace) -> None:
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as tmp:
         cfg = write_config(tmp, proxy_port, fake_port, not args.no_request_log)
+        wrk: Path | None = None
+        if args.loadgen == "wrk":
+            wrk = Path(tmp) / "bench.lua"
+            wrk.write_text(WRK_SCRIPT)
         proxy_cmd = [str(VGATE), "serve", "--config", str(cfg)]
         logs = Path(tmp)
         with (
@@ -413,7 +481,8 @@ async def main_async(args: argparse.Namespace) -> None:
         ):
             print(
                 f"fake upstream on core 0 (port {fake_port}); vgate on core 1 (pid {proxy.pid}); "
-                f"request log {'off' if args.no_request_log else 'on'}"
+                f"request log {'off' if args.no_request_log else 'on'}; "
+                f"throughput load from {args.loadgen}"
             )
             directs, vias = [], []
             for i in range(args.repeat):
@@ -426,6 +495,7 @@ async def main_async(args: argparse.Namespace) -> None:
                         fake.pid,
                         args.seconds,
                         args.latency_requests,
+                        wrk,
                     )
                 )
                 print(f"round {i + 1}/{args.repeat}: through vgate ...", flush=True)
@@ -435,6 +505,7 @@ async def main_async(args: argparse.Namespace) -> None:
                         proxy.pid,
                         args.seconds,
                         args.latency_requests,
+                        wrk,
                     )
                 )
     print(f"\nbest of {args.repeat} rounds per phase (statuses and incomplete streams: all rounds)")
@@ -449,6 +520,12 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     p.add_argument(
         "--no-request-log", action="store_true", help="run vgate with logging.requests = false"
+    )
+    p.add_argument(
+        "--loadgen",
+        choices=("wrk", "python"),
+        default="wrk" if shutil.which("wrk") else "python",
+        help="load generator of the c=16 throughput phases (default: wrk when installed)",
     )
     args = p.parse_args()
     if args.quick:
