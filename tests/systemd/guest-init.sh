@@ -33,6 +33,12 @@ touch "$R/dev/console"
 if [ -t 1 ]; then mount --bind /proc/self/fd/1 "$R/dev/console"; else mount --bind /dev/null "$R/dev/console"; fi
 mount -t tmpfs -o mode=755,nosuid,nodev vgate-run "$R/run"
 mount -t tmpfs -o mode=1777,nosuid,nodev vgate-tmp "$R/tmp"
+# The checkout under test (REPO) may live below /tmp or /run, which the guest gets fresh:
+# keep it visible there, read-only (the overlay keeps every other host path writable-in-guest).
+case "${REPO:-}" in
+  /tmp/*|/run/*) mkdir -p "$R$REPO"; mount --bind "$REPO" "$R$REPO"
+                 mount -o remount,bind,ro "$R$REPO" ;;
+esac
 # Guest-only: none of the host's enabled services (nginx, redis, ...) start in here.
 rm -f "$R"/etc/systemd/system/*.wants/*
 systemd-id128 new > "$R/etc/machine-id"

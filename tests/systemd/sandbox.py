@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 INIT = Path(__file__).with_name("guest-init.sh")
+REPO = Path(__file__).resolve().parents[2]
 CLONE_NEWNET = 0x40000000
 
 
@@ -112,7 +113,7 @@ class Sandbox:
             "exec unshare --fork --pid --mount --mount-proc --net --uts --ipc "
             f"--propagation private /bin/sh {INIT}"
         )
-        env = {**os.environ, "CG": str(self.cgroup), "NS": str(ns)}
+        env = {**os.environ, "CG": str(self.cgroup), "NS": str(ns), "REPO": str(REPO)}
         env.pop("VGATE_CGNS", None)
         with open(self.workdir / "launcher.log", "wb") as log:
             self._launcher = subprocess.Popen(

@@ -53,6 +53,12 @@ ENGINE_START = 480.0 if REAL_VLLM else 60.0
 DRAIN = 30.0 if REAL_VLLM else 8.0
 
 # The fake engine behind vLLM's module name: the unit's command line stays the real one.
+FAKE_MODULES = (
+    "tests/__init__.py",
+    "tests/fakes/__init__.py",
+    "tests/fakes/vllm.py",
+    "tests/fakes/shapes.py",
+)
 FAKE_SERVER = """\
 import argparse
 
@@ -213,7 +219,11 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
         if REAL_VLLM:
             box.write(f"{site}/vllm.pth", f"{ENGINE_SITE}\n")
         else:
-            box.write(f"{site}/fake.pth", f"{REPO}\n/opt/vgate/lib/python3.11/site-packages\n")
+            # The fake is copied in, not imported from the checkout: the service user cannot
+            # read a checkout under /root or /home (and ProtectHome hides them anyway).
+            box.write(f"{site}/fake.pth", "/opt/vgate/lib/python3.11/site-packages\n")
+            for module in FAKE_MODULES:
+                box.write(f"{site}/{module}", (REPO / module).read_text())
             for pkg in ("vllm", "vllm/entrypoints", "vllm/entrypoints/openai"):
                 box.write(f"{site}/{pkg}/__init__.py", "")
             box.write(f"{site}/vllm/entrypoints/openai/api_server.py", FAKE_SERVER)
