@@ -61,6 +61,7 @@ FAKE_MODULES = (
 )
 FAKE_SERVER = """\
 import argparse
+import time
 
 from tests.fakes.vllm import main
 
@@ -70,6 +71,9 @@ p.add_argument("--port", default="8000")
 p.add_argument("--served-model-name", default="tiny")
 p.add_argument("--max-model-len", default="2048")
 args, _ = p.parse_known_args()
+# Like vLLM, listen only after "loading the model" for a few seconds: the engine unit must
+# not turn active (nor the proxy start) before /health answers.
+time.sleep(3)
 # ~500 tokens/s, like the real CPU engine with the dev model.
 main(["--host", args.host, "--port", args.port, "--model", args.served_model_name,
       "--max-model-len", args.max_model_len, "--token-delay", "0.002"])
