@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import os
 import shutil
 import signal
@@ -204,6 +205,7 @@ async def closed_loop(
 WRK_SCRIPT = """
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
+wrk.headers["Authorization"] = os.getenv("VGATE_BENCH_AUTH")
 wrk.body = os.getenv("VGATE_BENCH_BODY")
 local stream = os.getenv("VGATE_BENCH_STREAM") == "1"
 local threads = {}
@@ -235,7 +237,12 @@ def wrk_loop(url: str, concurrency: int, *, stream: bool, seconds: float, script
     body = (STREAM if stream else CHAT).decode()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
-        env={**os.environ, "VGATE_BENCH_BODY": body, "VGATE_BENCH_STREAM": str(int(stream))},
+        env={
+            **os.environ,
+            "VGATE_BENCH_BODY": body,
+            "VGATE_BENCH_STREAM": str(int(stream)),
+            "VGATE_BENCH_AUTH": HEADERS["authorization"],
+        },
         capture_output=True,
         text=True,
         check=True,
@@ -318,15 +325,56 @@ def best(results: list[PathResult]) -> PathResult:
     )
 
 
-def write_config(directory: str, port: int, fake_port: int, request_log: bool) -> Path:
+# A fixed benchmark key: its digest goes in the config, the key in every request.
+BENCH_KEY = "vg-bench-not-a-secret"
+BENCH_KEY_SHA256 = hashlib.sha256(BENCH_KEY.encode()).hexdigest()
+HEADERS["authorization"] = f"Bearer {BENCH_KEY}"  # ignored by the fake and by `core`
+
+# `core`: the proxy alone (no policies, no retries, breaker off, no request log, no admin
+# listener). `full`: auth, ratelimit (limits far above the load) and truncate, default
+# resilience (breaker, 3 attempts, budget, backpressure), metrics on the admin listener and one
+# log line per request. Issue 5 wants `full` within 20% of `core`, issue 7 within 10% for the
+# observability part (`full` vs `full --no-request-log` isolates the log line).
+PROFILES = {
+    "core": """
+[logging]
+requests = false
+
+[resilience.retry]
+attempts = 1
+
+[resilience.breaker]
+enabled = false
+""",
+    "full": f"""
+[logging]
+requests = {{request_log}}
+
+[admin]
+enabled = true
+port = 0
+
+[policies]
+order = ["auth", "ratelimit", "truncate"]
+
+[policies.auth]
+keys = [{{{{ name = "bench", sha256 = "{BENCH_KEY_SHA256}" }}}}]
+
+[policies.ratelimit]
+per_key = {{{{ requests_per_minute = 100000000, tokens_per_minute = 1000000000 }}}}
+""",
+}
+
+
+def write_config(
+    directory: str, port: int, fake_port: int, profile: str, request_log: bool
+) -> Path:
     path = Path(directory) / "bench.toml"
+    extra = PROFILES[profile].format(request_log=str(request_log).lower())
     path.write_text(
         f"""[server]
 host = "127.0.0.1"
 port = {port}
-
-[logging]
-requests = {str(request_log).lower()}
 
 [upstream]
 health_interval = 60.0
@@ -334,7 +382,7 @@ metrics_interval = 60.0
 
 [models.tiny]
 upstreams = ["http://127.0.0.1:{fake_port}"]
-"""
+{extra}"""
     )
     return path
 
@@ -353,6 +401,7 @@ def report(
     all_direct: list[PathResult],
     all_proxy: list[PathResult],
     load: tuple[str, str],
+    label: str = "vgate",
 ) -> None:
     def rps(r: Run) -> float:
         return r.count / r.seconds
@@ -442,19 +491,19 @@ def report(
     ]
     width = max(len(r[0]) for r in rows)
     print()
-    print(f"{'':{width}}  {'direct':>10}  {'vgate':>10}  {'target':>10}")
+    print(f"{'':{width}}  {'direct':>10}  {label:>10}  {'target':>10}")
     for name, d, p, target, ok in rows:
         mark = "" if ok is None else ("  ok" if ok else "  MISSED")
         print(f"{name:{width}}  {d:>10}  {p:>10}  {target:>10}{mark}")
     print()
-    for label, results in (("direct", all_direct), ("vgate", all_proxy)):
+    for name, results in (("direct", all_direct), (label, all_proxy)):
         statuses: Counter[str] = Counter()
         incomplete = 0
         for result in results:
             for r in (result.c1, result.c16, result.streams, result.ttft):
                 statuses += r.statuses
                 incomplete += r.incomplete
-        print(f"{label:>6}: responses by status {dict(statuses)}; incomplete streams {incomplete}")
+        print(f"{name:>9}: responses by status {dict(statuses)}; incomplete streams {incomplete}")
     print(f"load average before/after: {load[0]} / {load[1]}")
 
 
@@ -468,12 +517,21 @@ async def main_async(args: argparse.Namespace) -> None:
     fake_cmd = [sys.executable, "-m", "tests.fakes.vllm", "--port", str(fake_port)]
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = write_config(tmp, proxy_port, fake_port, not args.no_request_log)
+        cfg = write_config(tmp, proxy_port, fake_port, args.profile, not args.no_request_log)
         wrk: Path | None = None
         if args.loadgen == "wrk":
             wrk = Path(tmp) / "bench.lua"
             wrk.write_text(WRK_SCRIPT)
         proxy_cmd = [str(VGATE), "serve", "--config", str(cfg)]
+        if args.server == "reference":
+            proxy_cmd = [
+                sys.executable,
+                str(ROOT / "bench" / "reference_passthrough.py"),
+                "--port",
+                str(proxy_port),
+                "--upstream",
+                f"http://127.0.0.1:{fake_port}",
+            ]
         logs = Path(tmp)
         with (
             process(["taskset", "-c", "0", *fake_cmd], fake_port, logs / "fake.log") as fake,
@@ -481,7 +539,8 @@ async def main_async(args: argparse.Namespace) -> None:
         ):
             print(
                 f"fake upstream on core 0 (port {fake_port}); vgate on core 1 (pid {proxy.pid}); "
-                f"request log {'off' if args.no_request_log else 'on'}; "
+                f"server {args.server}; profile {args.profile}; request log "
+                f"{'off' if args.no_request_log or args.profile == 'core' else 'on'}; "
                 f"throughput load from {args.loadgen}"
             )
             directs, vias = [], []
@@ -509,7 +568,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     )
                 )
     print(f"\nbest of {args.repeat} rounds per phase (statuses and incomplete streams: all rounds)")
-    report(best(directs), best(vias), directs, vias, (load_before, loadavg()))
+    report(best(directs), best(vias), directs, vias, (load_before, loadavg()), args.server)
 
 
 def main() -> None:
@@ -520,6 +579,18 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
     p.add_argument(
         "--no-request-log", action="store_true", help="run vgate with logging.requests = false"
+    )
+    p.add_argument(
+        "--server",
+        choices=("vgate", "reference"),
+        default="vgate",
+        help="reference: bench/reference_passthrough.py, to calibrate the machine",
+    )
+    p.add_argument(
+        "--profile",
+        choices=tuple(PROFILES),
+        default="full",
+        help="core: the proxy alone; full: policies, resilience, observability (default)",
     )
     p.add_argument(
         "--loadgen",
