@@ -21,7 +21,7 @@ from proxy.errors import (
 )
 from proxy.guard import Guard
 from proxy.observe import CLIENT_CLOSED, Observer
-from proxy.pipeline import ProxyRequest, ProxyResponse
+from proxy.pipeline import ProxyRequest, ProxyResponse, RequestHeaders
 from proxy.runtime import Runtime
 
 log = logging.getLogger("vgate.endpoints")
@@ -55,7 +55,7 @@ class CompletionEndpoint:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.runtime()
         server = rt.config.server
-        headers = Headers(scope=scope)
+        headers = RequestHeaders(scope=scope)
         rid = request_id(headers)
         obs = self.observer
         t0 = obs.start(rid) if obs is not None else 0.0

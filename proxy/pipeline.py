@@ -16,6 +16,22 @@ from typing import Any, Protocol
 from starlette.datastructures import Headers
 
 
+class RequestHeaders(Headers):
+    """Starlette's Headers with a `get` that does not raise for a missing header.
+
+    `Mapping.get` goes through `__getitem__` and catches its KeyError: for headers most
+    requests lack (x-request-id, content-length of a chunked body) that exception was ~3% of a
+    proxied request's CPU (py-spy, bench/).
+    """
+
+    def get(self, key: str, default: Any = None) -> Any:
+        wanted = key.lower().encode("latin-1")
+        for name, value in self.raw:
+            if name == wanted:
+                return value.decode("latin-1")
+        return default
+
+
 @dataclass(frozen=True, slots=True)
 class KeyInfo:
     """The authenticated caller: a name safe for logs and metrics, never the key itself."""
