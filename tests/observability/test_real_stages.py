@@ -3,7 +3,6 @@ ratelimit policy), an engine that fails and one that cannot be reached."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -13,15 +12,9 @@ import pytest
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
 from tests.observability.helpers import capture_logs, family, scrape, value
+from tests.resilience.conftest import closed_port_url
 
 CHAT = "/v1/chat/completions"
-
-
-def _dead_url() -> str:
-    # A port that was free a moment ago: connections to it are refused.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{sock.getsockname()[1]}"
 
 
 def _chat(model: str) -> dict[str, object]:
@@ -45,7 +38,7 @@ def server(fake: FakeVLLM, failing: FakeVLLM) -> ProxyServer:
             # The failing engine is picked first (ties go to the first): one retry, same model.
             "tiny": {"upstreams": [failing.base_url, fake.base_url]},
             # Nothing listens there: found unhealthy at startup, the request falls back.
-            "gone": {"upstreams": [_dead_url()], "fallbacks": ["backup"]},
+            "gone": {"upstreams": [closed_port_url()], "fallbacks": ["backup"]},
             "backup": {"upstreams": [fake.base_url], "served_name": "tiny"},
             "limited": {"upstreams": [fake.base_url], "served_name": "tiny"},
         },

@@ -7,7 +7,6 @@ on responses and on what the fakes saw.
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from proxy.forward import Upstream
 from proxy.runtime import Runtime
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
+from tests.vllm_fixtures import free_port
 
 
 @dataclass
@@ -52,10 +52,7 @@ def config(
 
 def closed_port_url() -> str:
     """A loopback URL nothing listens on (the port was bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{free_port()}"
 
 
 GatewayFactory = Callable[[dict[str, Any]], Gateway]

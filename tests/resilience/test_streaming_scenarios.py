@@ -22,6 +22,7 @@ import pytest
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import CHAT_PATH, RawClient, chat, events
 from tests.resilience.conftest import FakeFactory, Gateway, GatewayFactory, config
+from tests.vllm_fixtures import free_port
 
 
 def start(gateway: GatewayFactory, fake: FakeVLLM, **resilience: Any) -> Gateway:
@@ -173,9 +174,7 @@ def rss_bytes() -> int:
 @pytest.fixture
 def fake_process() -> Iterator[str]:
     """The fake engine in its own process: its buffers stay out of this process's memory."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "tests.fakes.vllm", "--port", str(port)],
         stdout=subprocess.PIPE,
