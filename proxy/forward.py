@@ -21,7 +21,7 @@ from typing import Any
 from engine.monitor import EngineMonitor
 from proxy.admission import Admission
 from proxy.attempt import Lease, Sender, timed_out
-from proxy.balance import Choice, affinity_key, choose
+from proxy.balance import Choice, affinity_key, choose, pick
 from proxy.breaker import Breaker
 from proxy.config import ResilienceConfig
 from proxy.errors import (
@@ -73,11 +73,6 @@ class Upstream:
         return f"Upstream({self.label!r}, inflight={self.inflight})"
 
     @property
-    def available(self) -> bool:
-        # Unknown (not probed yet) counts as available: the first request is the probe.
-        return self.monitor.healthy is not False and self.breaker.allows()
-
-    @property
     def queued(self) -> int:
         """Requests waiting for a slot on this model's upstreams."""
         return self.admission.waiting if self.admission is not None else 0
@@ -94,9 +89,10 @@ class ModelRoute:
         self.upstreams.append(upstream)
 
     def pick(self) -> Upstream:
-        """Least outstanding requests among available upstreams (any, if none is)."""
-        candidates = [u for u in self.upstreams if u.available] or self.upstreams
-        return min(candidates, key=lambda u: u.inflight)
+        """Least outstanding requests among available upstreams (any, if none is): the
+        balancer's choice without affinity or queues, for side calls such as /tokenize."""
+        chosen = pick(self.upstreams, Choice())
+        return chosen or min(self.upstreams, key=lambda u: u.inflight)
 
 
 class Forwarder:
