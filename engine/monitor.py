@@ -146,7 +146,7 @@ class EngineMonitor:
 
 
 def _describe(exc: Exception) -> str:
-    # httpx-aiohttp reports a refused connection as ConnectTimeout: check connecting first.
+    # A refused or unroutable connection can surface as ConnectTimeout: check connecting first.
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return f"cannot connect: {exc}"[:300]
     if isinstance(exc, httpx.TimeoutException):

@@ -11,14 +11,13 @@ import httpx
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy.admin import AdminServer
 from proxy.config import Config
-from proxy.endpoints import INTERNAL_ERROR, CompletionEndpoint, HotPaths
+from proxy.endpoints import INTERNAL_ERROR, CompletionEndpoint
 from proxy.errors import MethodNotAllowed, NotFound, VgateError, error_response
 from proxy.metrics import ProxyMetrics
 from proxy.observe import Observer
@@ -147,7 +146,6 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     ]
     app = Starlette(
         routes=routes,
-        middleware=[Middleware(HotPaths, endpoints=completions)],
         lifespan=lifespan,
         exception_handlers={
             HTTPException: http_error,
@@ -157,6 +155,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     )
     app.router.redirect_slashes = False
     app.state.runtime = holder
+    app.state.completions = completions
     app.state.metrics = metrics
     app.state.admin = admin
     return app

@@ -20,6 +20,7 @@ from proxy.errors import (
     sse_error_event,
 )
 from proxy.guard import Guard
+from proxy.hooks import ConnectionHooks, hooks
 from proxy.observe import CLIENT_CLOSED, Observer
 from proxy.pipeline import ProxyRequest, ProxyResponse, RequestHeaders
 from proxy.runtime import Runtime
@@ -56,6 +57,7 @@ class CompletionEndpoint:
         rt = self.runtime()
         server = rt.config.server
         headers = RequestHeaders(scope=scope)
+        conn = hooks(scope)
         rid = request_id(headers)
         obs = self.observer
         t0 = obs.start(rid) if obs is not None else 0.0
@@ -73,13 +75,26 @@ class CompletionEndpoint:
                     rt.pipelines, self.route, model, None, CLIENT_CLOSED, None, True, False, t0
                 )
             return
-        except VgateError as exc:
+        except Exception as exc:
+            if isinstance(exc, VgateError):
+                failure = exc
+            else:
+                log.exception("unexpected error reading request %s", rid)
+                failure = INTERNAL_ERROR
             try:
-                await _send_error(send, exc, rid, {})
+                await _send_error(send, conn, failure, rid, {})
             finally:
                 if obs is not None:
                     obs.finish(
-                        rt.pipelines, self.route, model, None, exc.status, exc, False, False, t0
+                        rt.pipelines,
+                        self.route,
+                        model,
+                        None,
+                        failure.status,
+                        failure,
+                        False,
+                        False,
+                        t0,
                     )
             return
         except BaseException as exc:
@@ -90,7 +105,7 @@ class CompletionEndpoint:
             raise
         request = ProxyRequest(self.route, model, data, headers, rid, stream)
         upstream = rt.config.upstream
-        guard = Guard(receive, upstream.first_byte_timeout, upstream.stream_idle_timeout)
+        guard = Guard(scope, receive, upstream.first_byte_timeout, upstream.stream_idle_timeout)
         started = cancelled = False
         status = 500  # until an answer is known: an exception escaping here is a bug
         error: VgateError | None = None
@@ -99,7 +114,7 @@ class CompletionEndpoint:
             status = response.status
             if response.stream is None:
                 guard.close()
-                await _send_whole(send, request, response)
+                await _send_whole(send, conn, request, response)
             else:
                 started = True
                 await _send_stream(send, request, response, guard)
@@ -119,18 +134,18 @@ class CompletionEndpoint:
                     )
                 )
                 status = status if started else error.status
-                await _fail(send, error, request, started)
+                await _fail(send, conn, error, request, started)
         except VgateError as exc:
             error = exc
             status = status if started else exc.status
-            await _fail(send, exc, request, started)
+            await _fail(send, conn, exc, request, started)
         except Exception:
             # A bug: logged with its traceback; the client gets a generic OpenAI-shaped 500 (or
             # an error event on a started stream), never Starlette's plain text or internals.
             log.exception("unexpected error serving request %s", rid)
             error = INTERNAL_ERROR
             status = status if started else error.status
-            await _fail(send, error, request, started)
+            await _fail(send, conn, error, request, started)
         finally:
             guard.close()
             if obs is not None:
@@ -148,17 +163,22 @@ class CompletionEndpoint:
                 )
 
 
-async def _fail(send: Send, exc: VgateError, request: ProxyRequest, started: bool) -> None:
+async def _fail(
+    send: Send, conn: ConnectionHooks | None, exc: VgateError, request: ProxyRequest, started: bool
+) -> None:
     if started:
         # Headers are gone: end with an error event and no [DONE], never a clean-looking end.
         await send({"type": "http.response.body", "body": sse_error_event(exc), "more_body": False})
     else:
-        await _send_error(send, exc, request.request_id, request.response_headers)
+        await _send_error(send, conn, exc, request.request_id, request.response_headers)
 
 
-async def _send_error(send: Send, exc: VgateError, rid: str, extra: dict[str, str]) -> None:
+async def _send_error(
+    send: Send, conn: ConnectionHooks | None, exc: VgateError, rid: str, extra: dict[str, str]
+) -> None:
     await _send_whole(
         send,
+        conn,
         None,
         ProxyResponse(exc.status, "application/json", error_body(exc), headers=exc.headers),
         rid=rid,
@@ -182,6 +202,7 @@ def _raw_headers(
 
 async def _send_whole(
     send: Send,
+    conn: ConnectionHooks | None,
     request: ProxyRequest | None,
     response: ProxyResponse,
     rid: str = "",
@@ -193,8 +214,13 @@ async def _send_whole(
         served_by = None
     headers = _raw_headers(response, rid, extra or {}, served_by)
     headers.append((b"content-length", str(len(response.body)).encode()))
-    await send({"type": "http.response.start", "status": response.status, "headers": headers})
-    await send({"type": "http.response.body", "body": response.body})
+    uncork = conn.cork() if conn is not None else None
+    try:
+        await send({"type": "http.response.start", "status": response.status, "headers": headers})
+        await send({"type": "http.response.body", "body": response.body})
+    finally:
+        if uncork is not None:
+            uncork()
 
 
 async def _send_stream(
@@ -223,11 +249,12 @@ async def _send_stream(
 
 
 class HotPaths:
-    """Dispatch the completion routes before Starlette's router and exception middleware.
+    """Dispatch the completion routes before any of Starlette's layers (the server runs this).
 
-    Those layers cost about a sixth of a proxied request's CPU (py-spy, bench/) and give these
-    endpoints nothing: they map their own errors. Every other request, and these paths with
-    another method (405), takes the normal route.
+    Starlette's middleware stack and router cost about a sixth of a proxied request's CPU
+    (py-spy, bench/) and give these endpoints nothing: they map every error themselves, bugs
+    included. Every other request, lifespan events, and these paths with another method (405)
+    go to the Starlette app, which also routes the completions itself when run directly.
     """
 
     def __init__(self, app: ASGIApp, endpoints: Mapping[str, ASGIApp]) -> None:

@@ -1,9 +1,10 @@
 """Cancel the request's own task when the client leaves or the upstream goes quiet.
 
-Starlette notices a disconnect only when it next sends, and a long prefill sends nothing: so a
-watcher awaits the ASGI `receive` channel (after the body has been read, its next message is
-`http.disconnect`) and cancels the request task, which closes the upstream connection and makes
-vLLM abort the generation.
+Starlette notices a disconnect only when it next sends, and a long prefill sends nothing. Under
+vgate's own server protocol (proxy.protocol) the connection calls us back when it is lost; under
+any other ASGI server a watcher task awaits the `receive` channel (after the body has been read,
+its next message is `http.disconnect`). Either way the request task is cancelled, which closes
+the upstream connection and makes vLLM abort the generation.
 
 Timeouts use one timer per deadline rather than one per chunk: `touch()` only stores a time, and
 the timer re-arms itself lazily, so relaying 100k events/s costs no timer churn.
@@ -15,7 +16,9 @@ import asyncio
 import time
 from typing import Literal
 
-from starlette.types import Receive
+from starlette.types import Receive, Scope
+
+from proxy.hooks import hooks
 
 Reason = Literal["disconnect", "first_byte_timeout", "idle_timeout", "shutdown"]
 
@@ -26,6 +29,7 @@ SHUTDOWN = "vgate: shutting down"
 class Guard:
     __slots__ = (
         "_deadline_at",
+        "_hook",
         "_idle",
         "_last",
         "_loop",
@@ -36,7 +40,9 @@ class Guard:
         "reason",
     )
 
-    def __init__(self, receive: Receive, first_byte_timeout: float, idle_timeout: float) -> None:
+    def __init__(
+        self, scope: Scope, receive: Receive, first_byte_timeout: float, idle_timeout: float
+    ) -> None:
         task = asyncio.current_task()
         assert task is not None
         self._task = task
@@ -50,7 +56,13 @@ class Guard:
         self._timer: asyncio.TimerHandle | None = self._loop.call_at(
             self._deadline_at, self._expire
         )
-        self._watcher = self._loop.create_task(self._watch(receive))
+        conn = hooks(scope)
+        self._hook = conn.watch_disconnect if conn is not None else None
+        if self._hook is not None:
+            self._hook(self._disconnected)
+            self._watcher: asyncio.Task[None] | None = None
+        else:
+            self._watcher = self._loop.create_task(self._watch(receive))
 
     @property
     def started(self) -> bool:
@@ -64,7 +76,11 @@ class Guard:
 
     def close(self) -> None:
         """Stop watching; must run whatever the outcome."""
-        self._watcher.cancel()
+        if self._hook is not None:
+            self._hook(None)
+            self._hook = None
+        if self._watcher is not None:
+            self._watcher.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -109,6 +125,10 @@ class Guard:
             if message["type"] == "http.disconnect":
                 self._cancel("disconnect")
                 return
+
+    def _disconnected(self) -> None:
+        self._hook = None
+        self._cancel("disconnect")
 
     def _cancel(self, reason: Reason) -> None:
         if self.reason is None:

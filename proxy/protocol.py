@@ -46,6 +46,7 @@ from proxy.errors import (
     VgateError,
     error_body,
 )
+from proxy.hooks import SCOPE_KEY
 
 log = logging.getLogger("vgate.http")
 
@@ -107,6 +108,37 @@ async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+def _nothing() -> None:
+    pass
+
+
+class _Corked:
+    """A transport stand-in for one response: writes are joined and go out as one."""
+
+    __slots__ = ("_parts", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
 class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's HttpToolsProtocol with head/body timeouts, head limits and JSON refusals."""
 
@@ -126,6 +158,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._timer_stage = IDLE
         self._refusal: tuple[VgateError, str] | None = None
         self._done = False  # refused: ignore whatever else arrives
+        # Called once when the connection is lost (proxy.guard): a disconnect reaches the
+        # request without a watcher task per request.
+        self._on_lost: Callable[[], None] | None = None
         # The concurrency limit is checked here, to answer it with JSON (on_headers_complete).
         self._limit, self.limit_concurrency = self.limit_concurrency, None
 
@@ -139,6 +174,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
         super().connection_lost(exc)
+        callback, self._on_lost = self._on_lost, None
+        if callback is not None:
+            callback()
 
     def data_received(self, data: bytes) -> None:
         if self._done:
@@ -182,6 +220,25 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self._stage = HEAD
+        self.scope[SCOPE_KEY] = self  # type: ignore[literal-required]
+
+    # -- proxy.hooks.ConnectionHooks --------------------------------------------------------
+    def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
+        self._on_lost = callback
+
+    def cork(self) -> Callable[[], None]:
+        if self.pipeline:
+            # A pipelined request is queued: `self.cycle` is that one, not the caller's.
+            return _nothing
+        cycle = self.cycle
+        corked = _Corked(self.transport)
+        cycle.transport = corked  # type: ignore[assignment]
+
+        def uncork() -> None:
+            cycle.transport = self.transport
+            corked.flush()
+
+        return uncork
 
     def on_headers_complete(self) -> None:
         bounds = self.bounds

@@ -24,6 +24,7 @@ from starlette.applications import Starlette
 
 from proxy.app import RuntimeHolder, create_app
 from proxy.config import Config, is_loopback
+from proxy.endpoints import HotPaths
 from proxy.guard import SHUTDOWN
 from proxy.logs import dict_config
 from proxy.protocol import protocol_class
@@ -57,7 +58,7 @@ def uvicorn_config(config: Config, app: Starlette | None = None) -> uvicorn.Conf
     app = create_app(config) if app is None else app
     metrics = getattr(app.state, "metrics", None)
     return uvicorn.Config(
-        app,
+        HotPaths(app, app.state.completions),
         host=server.host,
         port=server.port,
         loop="uvloop",

@@ -14,6 +14,7 @@ from typing import Any
 import uvicorn
 
 from proxy import config as config_module
+from proxy.app import create_app
 from proxy.config import Config
 from proxy.server import uvicorn_config
 
@@ -43,7 +44,8 @@ class ProxyServer:
         self._sock.bind(("127.0.0.1", 0))
         self.port: int = self._sock.getsockname()[1]
         self.base_url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(config))
+        self.app = create_app(config)
+        self.server = uvicorn.Server(uvicorn_config(config, self.app))
         self._thread: threading.Thread | None = None
         self._error: list[BaseException] = []
 

@@ -18,7 +18,7 @@ Labels = frozenset[tuple[str, str]]
 
 
 def admin_url(server: ProxyServer) -> str:
-    admin = server.server.config.app.state.admin
+    admin = server.app.state.admin
     assert admin is not None, "the admin listener is not enabled in this config"
     return f"http://127.0.0.1:{admin.port}"
 

@@ -25,7 +25,7 @@ def test_admin_answers_metrics_only_and_stops_with_the_app(fake: FakeVLLM) -> No
     config = proxy_config(fake.base_url, admin={"enabled": True, "port": 0})
     with ProxyServer.from_dict(config) as server:
         url = admin_url(server)
-        port = server.server.config.app.state.admin.port
+        port = server.app.state.admin.port
         assert httpx.get(url + "/metrics?x=1").text.startswith("# HELP vgate_")
         assert httpx.get(url + "/health").text == "ok\n"
         assert httpx.get(url + "/v1/models").status_code == 404
@@ -44,4 +44,4 @@ def test_admin_answers_metrics_only_and_stops_with_the_app(fake: FakeVLLM) -> No
 
 def test_admin_is_off_unless_enabled(fake: FakeVLLM) -> None:
     with ProxyServer.from_dict(proxy_config(fake.base_url)) as server:
-        assert server.server.config.app.state.admin is None
+        assert server.app.state.admin is None

@@ -27,7 +27,7 @@ class Gateway:
 
     @property
     def runtime(self) -> Runtime:
-        runtime: Runtime = self.server.server.config.app.state.runtime()
+        runtime: Runtime = self.server.app.state.runtime()
         return runtime
 
     def upstream(self, model: str = "tiny", index: int = 0) -> Upstream:

@@ -7,7 +7,6 @@ it: the fake's record tells. A refusal is an OpenAI-shaped 400/431 and the conne
 from __future__ import annotations
 
 import pytest
-from starlette.applications import Starlette
 
 from proxy.metrics import ProxyMetrics
 from tests.conftest import ProxyFactory
@@ -283,9 +282,7 @@ def test_connection_limit_overflow_is_an_openai_503(fake: FakeVLLM, proxy: Proxy
 
 
 def test_refusals_are_counted_by_reason(fake: FakeVLLM, server: ProxyServer) -> None:
-    app = server.server.config.app
-    assert isinstance(app, Starlette)
-    metrics: ProxyMetrics = app.state.metrics
+    metrics: ProxyMetrics = server.app.state.metrics
 
     def count(reason: str) -> float:
         child = metrics.http_refused._children.get((reason,))
