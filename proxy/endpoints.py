@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import re
 import secrets
@@ -19,7 +20,7 @@ from proxy.errors import (
     error_body,
     sse_error_event,
 )
-from proxy.guard import Guard
+from proxy.guard import Deadlines, Guard
 from proxy.hooks import ConnectionHooks, hooks
 from proxy.observe import CLIENT_CLOSED, Observer
 from proxy.pipeline import ProxyRequest, ProxyResponse, RequestHeaders
@@ -35,12 +36,23 @@ _SSE_HEADERS = [
 ]
 
 
-def request_id(headers: Headers) -> str:
-    """A valid incoming X-Request-ID is kept (for tracing across hops); otherwise a new one."""
-    incoming = headers.get("x-request-id")
-    if incoming and _REQUEST_ID.fullmatch(incoming):
-        return incoming
-    return secrets.token_hex(12)
+class RequestIds:
+    """A valid incoming X-Request-ID is kept (for tracing across hops); otherwise a new one.
+
+    New ids are a random per-process prefix and a counter: unique across restarts and
+    processes sharing a Redis, and a fraction of the cost of fresh randomness per request.
+    They identify, they do not authorise: being predictable costs nothing.
+    """
+
+    def __init__(self) -> None:
+        self._prefix = secrets.token_hex(6)
+        self._next = itertools.count(1).__next__
+
+    def __call__(self, headers: Headers) -> str:
+        incoming = headers.get("x-request-id")
+        if incoming and _REQUEST_ID.fullmatch(incoming):
+            return incoming
+        return f"{self._prefix}{self._next():012x}"
 
 
 class CompletionEndpoint:
@@ -52,13 +64,15 @@ class CompletionEndpoint:
         self.route = route
         self.runtime = runtime
         self.observer = observer
+        self.request_id = RequestIds()
+        self.deadlines = Deadlines()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         rt = self.runtime()
         server = rt.config.server
         headers = RequestHeaders(scope=scope)
         conn = hooks(scope)
-        rid = request_id(headers)
+        rid = self.request_id(headers)
         obs = self.observer
         t0 = obs.start(rid) if obs is not None else 0.0
         model: str | None = None
@@ -105,7 +119,13 @@ class CompletionEndpoint:
             raise
         request = ProxyRequest(self.route, model, data, headers, rid, stream)
         upstream = rt.config.upstream
-        guard = Guard(scope, receive, upstream.first_byte_timeout, upstream.stream_idle_timeout)
+        guard = Guard(
+            scope,
+            receive,
+            self.deadlines,
+            upstream.first_byte_timeout,
+            upstream.stream_idle_timeout,
+        )
         started = cancelled = False
         status = 500  # until an answer is known: an exception escaping here is a bug
         error: VgateError | None = None

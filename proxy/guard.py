@@ -6,8 +6,10 @@ any other ASGI server a watcher task awaits the `receive` channel (after the bod
 its next message is `http.disconnect`). Either way the request task is cancelled, which closes
 the upstream connection and makes vLLM abort the generation.
 
-Timeouts use one timer per deadline rather than one per chunk: `touch()` only stores a time, and
-the timer re-arms itself lazily, so relaying 100k events/s costs no timer churn.
+Timeouts use no timer per request: every open guard of an endpoint is checked by one shared
+sweep a few times per timeout (`Deadlines`). `touch()` only stores a time, so relaying 100k
+events/s costs no timer churn, and a request costs a set insertion instead of a timer. A
+deadline fires at most one tick late (a tenth of the shortest timeout, at most 0.25 s).
 """
 
 from __future__ import annotations
@@ -26,22 +28,69 @@ Reason = Literal["disconnect", "first_byte_timeout", "idle_timeout", "shutdown"]
 SHUTDOWN = "vgate: shutting down"
 
 
+class Deadlines:
+    """The sweep over every open guard: one timer, running only while some guard is open."""
+
+    __slots__ = ("_guards", "_handle", "_loop", "_tick")
+
+    def __init__(self) -> None:
+        self._guards: set[Guard] = set()
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._tick = _MAX_TICK
+
+    def add(self, guard: Guard, loop: asyncio.AbstractEventLoop, shortest: float) -> None:
+        self._guards.add(guard)
+        tick = min(_MAX_TICK, max(_MIN_TICK, shortest / 10))
+        if self._handle is None or loop is not self._loop:
+            self._loop = loop
+            self._tick = tick
+            self._handle = loop.call_later(tick, self._sweep)
+        elif tick < self._tick:
+            self._tick = tick  # from the next sweep on
+
+    def discard(self, guard: Guard) -> None:
+        self._guards.discard(guard)
+
+    def _sweep(self) -> None:
+        loop = self._loop
+        assert loop is not None
+        now = loop.time()
+        for guard in [g for g in self._guards if g.due(now)]:
+            self._guards.discard(guard)
+            guard.expire()
+        if self._guards:
+            self._handle = loop.call_later(self._tick, self._sweep)
+        else:
+            self._handle = None
+            self._tick = _MAX_TICK
+
+
+_MAX_TICK = 0.25
+_MIN_TICK = 0.005
+
+
 class Guard:
     __slots__ = (
         "_deadline_at",
+        "_deadlines",
         "_hook",
         "_idle",
         "_last",
         "_loop",
         "_task",
-        "_timer",
         "_watcher",
         "first_byte_at",
         "reason",
     )
 
     def __init__(
-        self, scope: Scope, receive: Receive, first_byte_timeout: float, idle_timeout: float
+        self,
+        scope: Scope,
+        receive: Receive,
+        deadlines: Deadlines,
+        first_byte_timeout: float,
+        idle_timeout: float,
     ) -> None:
         task = asyncio.current_task()
         assert task is not None
@@ -53,9 +102,8 @@ class Guard:
         self.first_byte_at = 0.0
         self._last = self._loop.time()
         self._deadline_at = self._last + first_byte_timeout
-        self._timer: asyncio.TimerHandle | None = self._loop.call_at(
-            self._deadline_at, self._expire
-        )
+        self._deadlines: Deadlines | None = deadlines
+        deadlines.add(self, self._loop, min(first_byte_timeout, idle_timeout))
         conn = hooks(scope)
         self._hook = conn.watch_disconnect if conn is not None else None
         if self._hook is not None:
@@ -81,9 +129,9 @@ class Guard:
             self._hook = None
         if self._watcher is not None:
             self._watcher.cancel()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        if self._deadlines is not None:
+            self._deadlines.discard(self)
+            self._deadlines = None
 
     def absorb(self, exc: BaseException | None = None) -> Reason | None:
         """After a CancelledError: our own cancellation is swallowed and its reason returned.
@@ -98,26 +146,20 @@ class Guard:
         self._task.uncancel()
         return self.reason
 
-    def _expire(self) -> None:
+    def due(self, now: float) -> bool:
         if self._deadline_at:
-            self._timer = None
-            self._cancel("first_byte_timeout")
-            return
-        due = self._last + self._idle
-        now = self._loop.time()
-        if now >= due:
-            self._timer = None
-            self._cancel("idle_timeout")
-        else:
-            self._timer = self._loop.call_at(due, self._expire)
+            return now >= self._deadline_at
+        return now >= self._last + self._idle
+
+    def expire(self) -> None:
+        """Called by the sweep once `due`: cancel the request with the timeout's name."""
+        self._deadlines = None
+        self._cancel("first_byte_timeout" if self._deadline_at else "idle_timeout")
 
     def arm_idle(self) -> None:
-        """Switch the running timer to the idle deadline (called once, at the first byte)."""
+        """Switch from the first-byte deadline to the idle one (called once, at the first byte)."""
         self.touch()
         self.first_byte_at = time.perf_counter()
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_at(self._last + self._idle, self._expire)
 
     async def _watch(self, receive: Receive) -> None:
         while True:

@@ -7,6 +7,7 @@ the usage event (`"choices":[]` plus `"usage"`, just before `[DONE]`) is ever de
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -15,7 +16,8 @@ import orjson
 from proxy.pipeline import ProxyRequest
 
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
-_USAGE_MARK = b'"usage"'
+# A usage *object* (not `"usage": null`): found by one C-level scan per block.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 _EMPTY_CHOICES = b'"choices":[]'
 
 
@@ -29,24 +31,17 @@ def _last_boundary(buf: bytes) -> int:
     return end
 
 
-def _split_events(block: bytes) -> list[bytes]:
-    """Complete events of `block` (which ends at a boundary), each with its terminator."""
-    events = []
-    start = 0
-    n = len(block)
-    while start < n:
-        best = -1
-        size = 0
-        for sep in _BOUNDARIES:
-            i = block.find(sep, start)
-            if i >= 0 and (best < 0 or i < best):
-                best, size = i, len(sep)
-        if best < 0:
-            events.append(block[start:])
-            break
-        events.append(block[start : best + size])
-        start = best + size
-    return events
+def _event_around(block: bytes, at: int) -> tuple[int, int]:
+    """The bounds of the event containing index `at` of `block` (which ends at a boundary)."""
+    start, end = 0, len(block)
+    for sep in _BOUNDARIES:
+        i = block.rfind(sep, 0, at)
+        if i >= 0:
+            start = max(start, i + len(sep))
+        j = block.find(sep, at)
+        if j >= 0:
+            end = min(end, j + len(sep))
+    return start, end
 
 
 def _event_data(event: bytes) -> bytes:
@@ -77,7 +72,7 @@ class UsageTap:
                     pending = buf
                     continue
                 complete, pending = buf[:cut], buf[cut:]
-                if _USAGE_MARK in complete:
+                if b'"usage"' in complete:
                     complete = self._take_usage(complete)
                 if complete:
                     yield complete
@@ -89,26 +84,47 @@ class UsageTap:
                 await aclose()
 
     def _take_usage(self, block: bytes) -> bytes:
-        kept = []
-        for event in _split_events(block):
-            if _USAGE_MARK in event and _EMPTY_CHOICES in event.replace(b" ", b""):
-                try:
-                    payload = orjson.loads(_event_data(event))
-                except orjson.JSONDecodeError:
-                    payload = None
-                if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-                    self._request.usage = payload["usage"]
-                    if self._strip:
-                        continue
-            kept.append(event)
-        return b"".join(kept)
+        # Linear in the block whatever its size (a slow reader can batch a whole stream): only
+        # the events around a usage object are looked at, the last one first.
+        for match in reversed(list(_USAGE_OBJECT.finditer(block))):
+            start, end = _event_around(block, match.start())
+            event = block[start:end]
+            if _EMPTY_CHOICES not in event.replace(b" ", b""):
+                continue  # per-chunk usage stats on a token event: not the final usage
+            try:
+                payload = orjson.loads(_event_data(event))
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
+                self._request.usage = payload["usage"]
+                if self._strip:
+                    return block[:start] + block[end:]
+                return block
+        return block
+
+
+# The usage object with at most one level of nesting (`prompt_tokens_details`): parsing it
+# alone is a fraction of parsing a whole completion.
+_USAGE_VALUE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
 
 
 def usage_of(body: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a whole (non-streaming) completion body, if any."""
+    """The `usage` object of a whole (non-streaming) completion body, if any.
+
+    The last match is the top-level one: vLLM writes `usage` after `choices`, and a `"usage"`
+    inside generated text is escaped (`\\"usage\\"`), so it cannot match.
+    """
+    matches = _USAGE_VALUE.findall(body)
+    if matches:
+        try:
+            usage = orjson.loads(matches[-1])
+        except orjson.JSONDecodeError:
+            usage = None
+        if isinstance(usage, dict):
+            return usage
     try:
         payload = orjson.loads(body)
     except orjson.JSONDecodeError:
         return None
-    usage = payload.get("usage") if isinstance(payload, dict) else None
-    return usage if isinstance(usage, dict) else None
+    found = payload.get("usage") if isinstance(payload, dict) else None
+    return found if isinstance(found, dict) else None

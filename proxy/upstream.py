@@ -11,8 +11,7 @@ The control plane (health probes, metrics scrapes, /tokenize) is not hot and use
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
 import httpx
@@ -71,17 +70,30 @@ def make_control_client(
     )
 
 
-@contextlib.contextmanager
-def upstream_errors(target: str, *, started: bool = False) -> Iterator[None]:
+class upstream_errors:
     """Translate transport errors (httpx's and proxy.wire's) into vgate errors, in one place.
 
     `started` says whether response bytes already reached the client: then any failure is a
-    broken stream, whatever its cause.
+    broken stream, whatever its cause. A class rather than @contextmanager: it is entered
+    several times per request on the hot path, and a generator per entry costs more.
     """
-    try:
-        yield
-    except (TimeoutError, httpx.TransportError, WireError) as exc:
-        if started:
+
+    __slots__ = ("_started", "_target")
+
+    def __init__(self, target: str, *, started: bool = False) -> None:
+        self._target = target
+        self._started = started
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if exc is None or not isinstance(exc, TimeoutError | httpx.TransportError | WireError):
+            return
+        target = self._target
+        if self._started:
             raise UpstreamStreamBroken("The upstream connection failed mid-response.") from exc
         if isinstance(
             exc,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 from collections.abc import Mapping
 from typing import cast
 from urllib.parse import urlsplit
@@ -119,6 +120,9 @@ class WireResponse:
         while not self._done:
             if self._error is not None:
                 raise self._error
+            conn = self._conn
+            if conn is not None and conn.paused:
+                conn.resume()  # the whole body is wanted: the high-water mark is for streams
             await self._wait()
         body = b"".join(self._chunks)
         self._chunks.clear()
@@ -266,7 +270,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         response = self.response
-        if response is not None and response.status_code and _until_eof(response):
+        if exc is None and response is not None and response.status_code and _until_eof(response):
             # Framed by the connection's end (neither Content-Length nor chunked).
             self.response = None
             response._finish()
@@ -367,18 +371,18 @@ class _Pool:
 
     async def _acquire(self, *, reuse: bool) -> _Conn:
         loop = asyncio.get_running_loop()
-        idle = self._idle
-        if reuse:
-            now = loop.time()
-            while idle:
-                conn = idle.pop()
-                if not conn.closed and now - conn.idle_since < self._expiry:
-                    conn.in_use = conn.reused = True
-                    self._busy += 1
+        deadline: float | None = None
+        while True:
+            if reuse:
+                conn = self._take_idle(loop.time())
+                if conn is not None:
                     return conn
-                conn.close()
-        if self._busy >= self._limit:
-            await self._wait_for_slot(loop)
+            if self._busy < self._limit:
+                break
+            # Full: wait for a connection to come back (reused) or to close (a free slot).
+            if deadline is None:
+                deadline = loop.time() + self._connect_timeout
+            await self._wait_for_slot(loop, deadline)
         self._busy += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
@@ -398,25 +402,43 @@ class _Pool:
         conn.in_use = True
         return conn
 
-    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+    def _take_idle(self, now: float) -> _Conn | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self._expiry:
+                conn.in_use = conn.reused = True
+                self._busy += 1
+                return conn
+            conn.close()
+        return None
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
         try:
-            async with asyncio.timeout(self._connect_timeout):
-                while self._busy >= self._limit:
-                    waiter = loop.create_future()
-                    self._waiters.append(waiter)
-                    try:
-                        await waiter
-                    finally:
-                        if waiter in self._waiters:
-                            self._waiters.remove(waiter)
-        except TimeoutError:
-            raise WireConnectTimeout(
-                f"all {self._limit} connections to the upstream stayed busy for "
-                f"{self._connect_timeout:g} s"
-            ) from None
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Woken, but leaving (cancelled, timed out): the wake-up goes to the next one.
+                self._wake_next()
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise WireConnectTimeout(
+                    f"all {self._limit} connections to the upstream stayed busy for "
+                    f"{self._connect_timeout:g} s"
+                ) from None
+            raise
 
     def _vacate(self) -> None:
         self._busy -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
