@@ -523,10 +523,10 @@ async def main_async(args: argparse.Namespace) -> None:
             wrk = Path(tmp) / "bench.lua"
             wrk.write_text(WRK_SCRIPT)
         proxy_cmd = [str(VGATE), "serve", "--config", str(cfg)]
-        if args.server == "reference":
+        if args.server != "vgate":
             proxy_cmd = [
                 sys.executable,
-                str(ROOT / "bench" / "reference_passthrough.py"),
+                str(ROOT / "bench" / f"{args.server}_passthrough.py"),
                 "--port",
                 str(proxy_port),
                 "--upstream",
@@ -582,9 +582,10 @@ def main() -> None:
     )
     p.add_argument(
         "--server",
-        choices=("vgate", "reference"),
+        choices=("vgate", "reference", "floor"),
         default="vgate",
-        help="reference: bench/reference_passthrough.py, to calibrate the machine",
+        help="reference: bench/reference_passthrough.py (Starlette + aiohttp), to calibrate the "
+        "machine;\nfloor: bench/floor_passthrough.py (uvicorn + vgate's client, no logic)",
     )
     p.add_argument(
         "--profile",

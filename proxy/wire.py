@@ -447,8 +447,13 @@ class _Pool:
 
     def release(self, conn: _Conn) -> None:
         conn.in_use = False
-        conn.idle_since = asyncio.get_running_loop().time()
-        self._idle.append(conn)
+        now = conn.idle_since = asyncio.get_running_loop().time()
+        idle = self._idle
+        # Reuse is newest first, so the oldest idle connection could outlive its expiry
+        # forever under light load: each return retires it once expired.
+        if idle and now - idle[0].idle_since >= self._expiry:
+            idle[0].close()
+        idle.append(conn)
         self._vacate()
 
     def discard(self, conn: _Conn) -> None:
