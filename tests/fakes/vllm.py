@@ -20,12 +20,18 @@ fields untouched), merged over the server-wide `FakeVLLM.defaults`:
     error_event_after       stream: after N events, an error event then [DONE] (as vLLM does)
     split                   stream: "every_byte", a piece size, or a list of byte offsets;
     split_delay             the body is sent in those pieces with this delay between them
+    token_padding           stream: each generated token's text is followed by this many "."
+                            (large events: a stream of many MiB in a few thousand events)
+    flow_control            stream: write no event while the socket's send buffer is above its
+                            high-water mark, as vLLM's server (uvicorn) does; a client that stops
+                            reading then stalls the stream instead of piling it up in the fake
     fail_first, fail_with   the first `fail_first` requests with the same X-Request-ID get the
                             faults in `fail_with` (default {"status": 502}) merged in: an
                             upstream that fails once, then works (what retries are for)
 
 What it saw is recorded for assertions (thread-safe): `connections`, `requests`, `cancelled`
 (responses the client abandoned before they were complete), `inflight` and `max_inflight`.
+`streams()` is a snapshot of the streams in progress: how far each got, and its backlog.
 
 In-process: `with FakeVLLM() as fake: ... fake.base_url` runs it on a background thread with its
 own loop. As a process: `python -m tests.fakes.vllm --port 8000` (the benchmark's upstream).
@@ -42,7 +48,7 @@ import struct
 import threading
 import time
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,6 +71,7 @@ __all__ = [
     "FakeVLLM",
     "Record",
     "Seen",
+    "Streaming",
     "answer_text",
     "prompt_tokens",
     "sse",
@@ -111,6 +118,18 @@ class Cancelled:
     at: float  # time.monotonic()
 
 
+@dataclass(frozen=True)
+class Streaming:
+    """A stream in progress (`FakeVLLM.streams()`)."""
+
+    path: str
+    request_id: str | None
+    events_sent: int
+    bytes_sent: int  # the events written to the transport, chunk framing included
+    buffered: int  # of those, still in the transport's buffer: not yet taken by the kernel
+    writing_paused: bool  # the transport is above its high-water mark
+
+
 @dataclass
 class _Response:
     """State of the response in progress on one connection."""
@@ -118,6 +137,7 @@ class _Response:
     seen: Seen
     counted: bool  # a completion: counted in inflight (what /metrics reports as running)
     events_sent: int = 0
+    bytes_sent: int = 0
     task: asyncio.Task[None] | None = None
 
 
@@ -247,6 +267,31 @@ class FakeVLLM:
         """`wait` for async tests: the blocking wait runs on a worker thread."""
         return await asyncio.to_thread(self.wait, predicate, within)
 
+    def streams(self) -> list[Streaming]:
+        """The streams in progress (event by event, not `split`), read on the fake's own loop."""
+        loop = self._loop
+        assert loop is not None and self._thread is not None, "thread mode only"
+
+        async def snapshot() -> list[Streaming]:
+            out = []
+            for proto in self._protocols:
+                response, transport = proto.response, proto.transport
+                if response is None or transport is None or not response.bytes_sent:
+                    continue
+                out.append(
+                    Streaming(
+                        response.seen.path,
+                        response.seen.headers.get("x-request-id"),
+                        response.events_sent,
+                        response.bytes_sent,
+                        transport.get_write_buffer_size(),
+                        proto.writing_paused,
+                    )
+                )
+            return out
+
+        return asyncio.run_coroutine_threadsafe(snapshot(), loop).result(5.0)
+
     def requests_to(self, path: str) -> list[Seen]:
         with self._cond:
             return [r for r in self.seen.requests if r.path == path]
@@ -316,6 +361,26 @@ def _pieces(data: bytes, split: Any) -> list[bytes]:
     return [data]
 
 
+def _padded(event: bytes, dots: bytes) -> bytes:
+    """A token event with its text followed by `dots` (other events unchanged).
+
+    Spliced into the serialized event: re-serializing multi-byte text with tens of KiB of padding
+    costs far more, and dots need no escaping.
+    """
+    if not event.startswith(b"data: {"):
+        return event  # [DONE]
+    data = orjson.loads(event[len(b"data: ") :])
+    for choice in data.get("choices", []):
+        delta = choice.get("delta")
+        key, text = ("content", delta.get("content")) if isinstance(delta, dict) else ("", None)
+        if not text:
+            key, text = "text", choice.get("text")
+        if text:
+            field = b'"%b":%b' % (key.encode(), orjson.dumps(text))
+            event = event.replace(field, field[:-1] + dots + b'"', 1)
+    return event
+
+
 class _Connection(asyncio.Protocol):
     """One client connection: parse requests one at a time, answer, keep alive."""
 
@@ -327,6 +392,8 @@ class _Connection(asyncio.Protocol):
         self.idle: asyncio.TimerHandle | None = None
         self.closed = False
         self.keep_alive = True
+        self.writing_paused = False  # above the transport's high-water mark
+        self._writable: asyncio.Future[None] | None = None
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -362,6 +429,24 @@ class _Connection(asyncio.Protocol):
             self.fake._update(cancelled)
             if response.task is not None:
                 response.task.cancel()
+
+    def pause_writing(self) -> None:
+        self.writing_paused = True
+
+    def resume_writing(self) -> None:
+        self.writing_paused = False
+        writable = self._writable
+        if writable is not None and not writable.done():
+            writable.set_result(None)
+
+    async def _drain(self) -> None:
+        """Wait until the transport is below its low-water mark (the `flow_control` fault)."""
+        while self.writing_paused and not self.closed:
+            self._writable = asyncio.get_running_loop().create_future()
+            try:
+                await self._writable
+            finally:
+                self._writable = None
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
@@ -602,11 +687,17 @@ class _Connection(asyncio.Protocol):
                 )
             )
         events.append(SSE_DONE)
+        stream: Iterable[bytes] = events
+        padding = fault.get("token_padding")
+        if padding:
+            # Padded as they are written: a stalled stream never builds what it did not send.
+            dots = b"." * int(padding)
+            stream = (_padded(event, dots) for event in events)
         if fault.get("split") is not None:
             if fault.get("first_event_delay"):
                 await asyncio.sleep(fault["first_event_delay"])
             split_delay = fault.get("split_delay", 0.0)
-            for piece in _pieces(b"".join(events), fault["split"]):
+            for piece in _pieces(b"".join(stream), fault["split"]):
                 transport.write(b"%x\r\n%b\r\n" % (len(piece), piece))
                 await asyncio.sleep(split_delay)
             transport.write(b"0\r\n\r\n")
@@ -615,7 +706,8 @@ class _Connection(asyncio.Protocol):
         token_delay = fault.get("token_delay", 0.0)
         reset_after = fault.get("reset_after_events")
         hang_after = fault.get("hang_after_events")
-        for i, event in enumerate(events):
+        flow_control = fault.get("flow_control")
+        for i, event in enumerate(stream):
             if i == 0 and fault.get("first_event_delay"):
                 await asyncio.sleep(fault["first_event_delay"])
             elif i:
@@ -626,8 +718,12 @@ class _Connection(asyncio.Protocol):
                 return
             if hang_after is not None and i == hang_after:
                 await asyncio.Future()
-            transport.write(b"%x\r\n%b\r\n" % (len(event), event))
+            if flow_control:
+                await self._drain()
+            chunk = b"%x\r\n%b\r\n" % (len(event), event)
+            transport.write(chunk)
             response.events_sent += 1
+            response.bytes_sent += len(chunk)
         transport.write(b"0\r\n\r\n")
         self._done()
 
