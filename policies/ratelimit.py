@@ -214,18 +214,26 @@ def _key_limits(config: Config) -> dict[str, Limits]:
 
 def _headers(charges: Sequence[Charge], used: Sequence[float]) -> dict[str, str]:
     """x-ratelimit-* for requests and tokens: the tightest bucket of each kind speaks."""
-    tightest: dict[bool, tuple[int, float, Bucket]] = {}
+    # Runs on every request: one pass, no intermediate containers.
+    req_left = tok_left = -1
+    req_ahead = tok_ahead = 0.0
+    req_bucket = tok_bucket = None
     for (bucket, _), ahead in zip(charges, used, strict=True):
         left = bucket.remaining(ahead)
-        best = tightest.get(bucket.tokens)
-        if best is None or left < best[0] or (left == best[0] and ahead > best[1]):
-            tightest[bucket.tokens] = (left, ahead, bucket)
+        if bucket.tokens:
+            if tok_bucket is None or left < tok_left or (left == tok_left and ahead > tok_ahead):
+                tok_left, tok_ahead, tok_bucket = left, ahead, bucket
+        elif req_bucket is None or left < req_left or (left == req_left and ahead > req_ahead):
+            req_left, req_ahead, req_bucket = left, ahead, bucket
     out: dict[str, str] = {}
-    for is_tokens, (left, ahead, bucket) in tightest.items():
-        kind = "tokens" if is_tokens else "requests"
-        out[f"x-ratelimit-limit-{kind}"] = bucket.limit_text
-        out[f"x-ratelimit-remaining-{kind}"] = str(left)
-        out[f"x-ratelimit-reset-{kind}"] = duration(ahead)
+    if req_bucket is not None:
+        out["x-ratelimit-limit-requests"] = req_bucket.limit_text
+        out["x-ratelimit-remaining-requests"] = str(req_left)
+        out["x-ratelimit-reset-requests"] = duration(req_ahead)
+    if tok_bucket is not None:
+        out["x-ratelimit-limit-tokens"] = tok_bucket.limit_text
+        out["x-ratelimit-remaining-tokens"] = str(tok_left)
+        out["x-ratelimit-reset-tokens"] = duration(tok_ahead)
     return out
 
 
