@@ -19,17 +19,20 @@ Keys other stages set in `request.outcome` (see docs-drafts/observability.md):
     queue_wait: float      seconds spent waiting for an upstream slot
 
 Scrape time reads `Upstream.inflight`, `.attempts`, `.failures`, `.breaker` (`current_state`,
-`trips`, `rejected`), `ModelRoute.admission.waiting` and the engine monitors, defensively.
+`trips`, `rejected`), `ModelRoute.admission.waiting` and the engine monitors, defensively; and
+the process's own figures (`proxy.procstats`) and the event loop's task count.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from proxy.forward import Upstream
 from proxy.pipeline import ProxyRequest
+from proxy.procstats import ProcReader
 from proxy.prom import Counter, Family, Gauge, Registry
 from proxy.runtime import Runtime
 
@@ -72,6 +75,7 @@ class ProxyMetrics:
     def __init__(self, runtime: Callable[[], Runtime | None]) -> None:
         self.registry = r = Registry()
         self._runtime = runtime
+        self._process = ProcReader()  # process_* figures from /proc/self, read at scrape time
         self.in_flight = 0  # completion requests the endpoints are handling right now
         self.requests = r.counter(
             "vgate_requests_total",
@@ -211,6 +215,15 @@ class ProxyMetrics:
         in_flight = Gauge("vgate_requests_in_flight", "Completion requests being handled.")
         in_flight.labels().set(self.in_flight)
         yield in_flight
+        yield from self._process.families()
+        tasks = _loop_tasks()
+        if tasks is not None:
+            gauge = Gauge(
+                "vgate_event_loop_tasks",
+                "Asyncio tasks alive in the server's event loop (the scrape's own included).",
+            )
+            gauge.labels().set(tasks)
+            yield gauge
         rt = self._runtime()
         if rt is None:
             return
@@ -266,6 +279,15 @@ def _runtime_gauges(rt: Runtime) -> Iterator[Family[Any]]:
                     family.labels(*key).set(value)
     yield from (ready, queued, healthy, inflight, breaker, attempts, failures, trips, rejected)
     yield from (kv, running, waiting, window)
+
+
+def _loop_tasks() -> int | None:
+    """Tasks alive in the loop rendering the scrape (the admin listener runs on the server's
+    loop); None outside a loop. A count that only grows under steady load is a leak."""
+    try:
+        return len(asyncio.all_tasks())
+    except RuntimeError:
+        return None
 
 
 def _breaker_state(upstream: Upstream) -> int | None:

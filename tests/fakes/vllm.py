@@ -735,6 +735,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="tiny")
     p.add_argument("--max-model-len", type=int, default=2048)
     p.add_argument("--token-delay", type=float, default=0.0)
+    p.add_argument(
+        "--keepalive-timeout", type=float, default=5.0, help="idle keep-alive seconds (uvicorn: 5)"
+    )
     args = p.parse_args(argv)
     defaults = {"token_delay": args.token_delay} if args.token_delay else {}
     fake = FakeVLLM(
@@ -742,6 +745,7 @@ def main(argv: list[str] | None = None) -> None:
         args.port,
         model=args.model,
         max_model_len=args.max_model_len,
+        keepalive_timeout=args.keepalive_timeout,
         defaults=defaults,
         record=False,  # a long benchmark must not grow a list of every request
     )

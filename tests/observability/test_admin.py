@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import time
+from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM
-from tests.observability.helpers import admin_url
+from tests.observability.helpers import admin_url, scrape, value
+from tests.proxy.helpers import CHAT_PATH, RawClient, chat
 
 
 def _raw(port: int, request: bytes) -> bytes:
@@ -45,3 +50,44 @@ def test_admin_answers_metrics_only_and_stops_with_the_app(fake: FakeVLLM) -> No
 def test_admin_is_off_unless_enabled(fake: FakeVLLM) -> None:
     with ProxyServer.from_dict(proxy_config(fake.base_url)) as server:
         assert server.app.state.admin is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_process_figures_and_loop_tasks_follow_open_streams(fake: FakeVLLM) -> None:
+    # The proxy runs in this process (on a thread), so /proc/self is its process: the fds it
+    # reports are the ones this test can count, clients' and fake's included.
+    config = proxy_config(fake.base_url, admin={"enabled": True, "port": 0})
+    with ProxyServer.from_dict(config) as server:
+        samples = scrape(server)
+        fds = value(samples, "process_open_fds")
+        assert fds is not None and abs(fds - len(os.listdir("/proc/self/fd"))) <= 3
+        assert (value(samples, "process_resident_memory_bytes") or 0) > 10 * 2**20
+        assert (value(samples, "process_max_fds") or 0) >= fds
+        cpu = value(samples, "process_cpu_seconds_total")
+        assert cpu is not None and cpu > 0
+        tasks = value(samples, "vgate_event_loop_tasks")
+        assert tasks is not None and tasks >= 1
+
+        # Three streams held open: each has its request task, a client socket and an upstream
+        # connection (and, in this one process, the fake's and the client's ends too).
+        clients = [RawClient(server.base_url) for _ in range(3)]
+        body = orjson.dumps(chat(200, stream=True, fake={"token_delay": 0.05}))
+        for raw in clients:
+            raw.send("POST", CHAT_PATH, body)
+            raw.read_until(b"data: ")
+        busy = scrape(server)
+        assert (value(busy, "vgate_event_loop_tasks") or 0) >= tasks + 3
+        assert (value(busy, "process_open_fds") or 0) >= fds + 3 * 3
+        for raw in clients:
+            raw.close()
+
+        # Gone: the tasks end and every socket of those streams closes.
+        deadline = time.monotonic() + 5
+        while True:
+            after = scrape(server)
+            back = value(after, "vgate_event_loop_tasks") == tasks
+            if back and (value(after, "process_open_fds") or 0) <= fds:
+                break
+            assert time.monotonic() < deadline, f"not back to {tasks} tasks and {fds} fds"
+            time.sleep(0.05)
+        assert (value(after, "process_cpu_seconds_total") or 0) >= cpu
