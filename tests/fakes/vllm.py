@@ -176,6 +176,9 @@ class FakeVLLM:
         self.defaults: dict[str, Any] = dict(defaults or {})
         # What /metrics reports as KV-cache usage (0..1): set it to exercise load shedding.
         self.kv_cache_usage = 0.0
+        # What /tokenize answers with: anything but 200 makes it fail (the engine's tokenizer
+        # endpoint down or disabled) with an error body of that status.
+        self.tokenize_status = 200
         self.record_requests = record
         self.seen = Record()
         self._cond = threading.Condition()
@@ -308,6 +311,7 @@ class FakeVLLM:
             self.defaults = {}
             self._attempts = {}
             self.kv_cache_usage = 0.0
+            self.tokenize_status = 200
 
     # -- answers --------------------------------------------------------------------------
     def models_body(self) -> bytes:
@@ -609,6 +613,10 @@ class _Connection(asyncio.Protocol):
                 self._simple(400, error_body("Invalid JSON body", "Bad Request", 400))
                 return
             if path == "/tokenize":
+                if fake.tokenize_status != 200:
+                    status = fake.tokenize_status
+                    self._simple(status, error_body("tokenizer unavailable", "Error", status))
+                    return
                 count = prompt_tokens(body)
                 self._simple(
                     200,

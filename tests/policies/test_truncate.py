@@ -211,3 +211,30 @@ async def test_the_window_from_tokenize_serves_when_monitors_know_none(
         assert tokenize_calls(upstream) == 2  # the window /tokenize reported is remembered
         with pytest.raises(ContextLengthExceeded):
             await policy(request(conversation(10)), forward)
+
+
+@pytest.mark.parametrize("strategy", ["drop_oldest", "reject"])
+def test_when_tokenize_fails_the_request_goes_unchanged_and_the_engine_decides(
+    proxy: ProxyFactory, upstream: FakeVLLM, strategy: str
+) -> None:
+    # Counting is impossible: the cheap bound cannot prove the prompt fits, and /tokenize is
+    # down. Guessing would cut or refuse a prompt that may fit; the engine's own answer wins.
+    upstream.tokenize_status = 503
+    base = start(proxy, upstream, strategy=strategy)
+    messages = conversation(10)
+    assert prompt_tokens({"messages": messages}) + 16 > WINDOW
+    r = post(base, messages=messages, max_tokens=16)
+    assert r.status_code == 200, r.text
+    (sent,) = upstream.completions
+    assert sent.body["messages"] == messages
+    assert "x-vgate-truncated" not in r.headers
+    assert tokenize_calls(upstream) >= 1
+    # And once /tokenize answers again, the same request is cut (or refused) as usual.
+    upstream.tokenize_status = 200
+    again = post(base, messages=messages, max_tokens=16)
+    if strategy == "reject":
+        assert again.status_code == 400, again.text
+        assert again.json()["error"]["code"] == "context_length_exceeded"
+    else:
+        assert again.status_code == 200, again.text
+        assert int(again.headers["x-vgate-truncated"]) > 0
