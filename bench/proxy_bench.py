@@ -17,15 +17,12 @@ import asyncio
 import hashlib
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +30,10 @@ import aiohttp
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the repository's tests package: the fake and its processes
+
+from tests.fakes.processes import service  # noqa: E402
+
 VGATE = Path(sys.executable).parent / "vgate"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -68,37 +69,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
-
-
-def wait_port(port: int, proc: subprocess.Popen[bytes], within: float = 30.0) -> None:
-    deadline = time.monotonic() + within
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {port}")
-
-
-@contextmanager
-def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    # Logs go to a file, as they would to journald: written, but not onto this terminal.
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=out, stderr=out, start_new_session=True)
-    try:
-        wait_port(port, proc)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
@@ -534,8 +504,8 @@ async def main_async(args: argparse.Namespace) -> None:
             ]
         logs = Path(tmp)
         with (
-            process(["taskset", "-c", "0", *fake_cmd], fake_port, logs / "fake.log") as fake,
-            process(["taskset", "-c", "1", *proxy_cmd], proxy_port, logs / "vgate.log") as proxy,
+            service(["taskset", "-c", "0", *fake_cmd], fake_port, logs / "fake.log") as fake,
+            service(["taskset", "-c", "1", *proxy_cmd], proxy_port, logs / "vgate.log") as proxy,
         ):
             print(
                 f"fake upstream on core 0 (port {fake_port}); vgate on core 1 (pid {proxy.pid}); "

@@ -27,15 +27,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import signal
 import socket
-import subprocess
 import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,11 +41,11 @@ import orjson
 import pytest
 
 from engine import prometheus
+from tests.fakes.processes import service
 from tests.proxy.helpers import CHAT_PATH, COMPLETIONS_PATH, events
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 VGATE = Path(sys.executable).parent / "vgate"
 
 CLIENTS = 16
@@ -81,38 +77,6 @@ def free_port() -> int:
         s.bind(("127.0.0.1", 0))
         port: int = s.getsockname()[1]
     return port
-
-
-@contextmanager
-def process(args: list[str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process of its own session, running this checkout's code; stopped with SIGTERM."""
-    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{args!r} exited with {proc.returncode}: {log.read_text()}")
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(f"nothing listening on {port}") from None
-                time.sleep(0.05)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 @dataclass(frozen=True)
@@ -156,8 +120,8 @@ requests = false
     fake_cmd += ["--keepalive-timeout", str(UPSTREAM_KEEPALIVE)]
     log = tmp_path / "vgate.log"
     with (
-        process(fake_cmd, fake_port, tmp_path / "fake.log"),
-        process([str(VGATE), "serve", "--config", str(config)], port, log),
+        service(fake_cmd, fake_port, tmp_path / "fake.log"),
+        service([str(VGATE), "serve", "--config", str(config)], port, log),
     ):
         yield Soak(f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}", log)
 
