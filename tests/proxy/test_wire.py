@@ -113,12 +113,15 @@ class Conn:
 Handler = Callable[[Conn], Coroutine[Any, Any, None]]
 
 
-def answering(body: bytes = b"ok") -> Handler:
-    """A keep-alive server answering every request with `body` (Content-Length framed)."""
+def answering(body: bytes = b"ok", *, mark_eof: bool = False) -> Handler:
+    """A keep-alive server answering every request with `body` (Content-Length framed); with
+    `mark_eof`, `conn.eof` is set when the client closes the connection."""
 
     async def handler(conn: Conn) -> None:
         while await conn.request() is not None:
             await conn.send(response(body))
+        if mark_eof:
+            conn.eof.set()
 
     return handler
 
@@ -388,11 +391,7 @@ async def test_connection_close_response_is_not_reused(net: Net) -> None:
 
 
 async def test_idle_connection_past_expiry_is_not_reused(net: Net) -> None:
-    async def handler(conn: Conn) -> None:
-        await answering()(conn)
-        conn.eof.set()
-
-    server = await net.serve(handler)
+    server = await net.serve(answering(mark_eof=True))
     client = net.client(keepalive_expiry=0.05)
     await (await net.post(client, server.url)).aread()
     await (await net.post(client, server.url)).aread()  # right away: still fresh
@@ -908,11 +907,7 @@ async def test_100_continue_then_the_real_response(net: Net, apart: bool) -> Non
 
 
 async def test_client_aclose_closes_idle_connections(net: Net) -> None:
-    async def handler(conn: Conn) -> None:
-        await answering()(conn)
-        conn.eof.set()
-
-    server = await net.serve(handler)
+    server = await net.serve(answering(mark_eof=True))
     client = net.client()
     rs = await asyncio.gather(*(net.post(client, server.url) for _ in range(3)))
     for r in rs:
