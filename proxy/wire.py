@@ -277,9 +277,7 @@ class _Conn(asyncio.Protocol):
         else:
             reason = f": {exc}" if exc else ""
             self._lost(WireClosed(f"connection closed before the response ended{reason}"))
-        if not self.closed:
-            self.closed = True
-            self._pool.discard(self)
+        self.close()  # our bookkeeping; closing the lost transport again is a no-op
 
     def _lost(self, error: WireError) -> None:
         response = self.response
