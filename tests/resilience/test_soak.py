@@ -42,7 +42,7 @@ import pytest
 
 from engine import prometheus
 from tests.fakes.processes import service
-from tests.proxy.helpers import CHAT_PATH, COMPLETIONS_PATH, events
+from tests.proxy.helpers import CHAT_PATH, COMPLETIONS_PATH, chat, events
 
 pytestmark = pytest.mark.slow
 
@@ -193,18 +193,6 @@ class Kind:
         return self.expect != ("ok",)
 
 
-def _chat(tokens: int, stream: bool, fake: dict[str, Any] | None = None) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Say hello to the soak test"}],
-        "max_tokens": tokens,
-        "stream": stream,
-    }
-    if fake:
-        body["fake"] = fake
-    return body
-
-
 def _completion(tokens: int, stream: bool) -> dict[str, Any]:
     return {"model": "tiny", "prompt": "Once upon a time", "max_tokens": tokens, "stream": stream}
 
@@ -218,43 +206,45 @@ _LONG = {"token_delay": 0.05}
 _FAIL_ONCE = {"fail_first": 1, "fail_with": {"status": 503}}
 _RETRIED = ("ok", "502 upstream_server_error")
 KINDS = {
-    "chat": Kind(CHAT_PATH, _chat(12, False)),
-    "stream": Kind(CHAT_PATH, _chat(24, True)),
+    "chat": Kind(CHAT_PATH, chat(12, False)),
+    "stream": Kind(CHAT_PATH, chat(24, True)),
     "completion": Kind(COMPLETIONS_PATH, _completion(12, False)),
     "completion_stream": Kind(COMPLETIONS_PATH, _completion(24, True)),
-    "stream_paced": Kind(CHAT_PATH, _chat(16, True, {"token_delay": 0.003})),
-    "stream_slow_start": Kind(CHAT_PATH, _chat(8, True, {"first_event_delay": 0.1})),
+    "stream_paced": Kind(CHAT_PATH, chat(16, True, fake={"token_delay": 0.003})),
+    "stream_slow_start": Kind(CHAT_PATH, chat(8, True, fake={"first_event_delay": 0.1})),
     # Faults on the client's side: it leaves mid-stream, or while the first byte is slow.
     "leave_mid_stream": Kind(
-        CHAT_PATH, _chat(1000, True, _LONG), ("left mid-stream",), leave_after_events=3
+        CHAT_PATH, chat(1000, True, fake=_LONG), ("left mid-stream",), leave_after_events=3
     ),
     "leave_slow_first_event": Kind(
         CHAT_PATH,
-        _chat(8, True, {"first_event_delay": 60}),
+        chat(8, True, fake={"first_event_delay": 60}),
         ("left before the answer",),
         leave_after=0.15,
     ),
     "leave_slow_answer": Kind(
         CHAT_PATH,
-        _chat(8, False, {"first_byte_delay": 60}),
+        chat(8, False, fake={"first_byte_delay": 60}),
         ("left before the answer",),
         leave_after=0.15,
     ),
     # Faults on the engine's side.
-    "retried_5xx": Kind(CHAT_PATH, _chat(12, False, _FAIL_ONCE), _RETRIED),
-    "retried_5xx_stream": Kind(CHAT_PATH, _chat(12, True, _FAIL_ONCE), _RETRIED),
+    "retried_5xx": Kind(CHAT_PATH, chat(12, False, fake=_FAIL_ONCE), _RETRIED),
+    "retried_5xx_stream": Kind(CHAT_PATH, chat(12, True, fake=_FAIL_ONCE), _RETRIED),
     "server_error": Kind(
-        CHAT_PATH, _chat(12, False, {"status": 500, "body": "boom"}), ("502 upstream_server_error",)
+        CHAT_PATH,
+        chat(12, False, fake={"status": 500, "body": "boom"}),
+        ("502 upstream_server_error",),
     ),
     "reset_mid_stream": Kind(
-        CHAT_PATH, _chat(24, True, {"reset_after_events": 3}), ("stream broken",)
+        CHAT_PATH, chat(24, True, fake={"reset_after_events": 3}), ("stream broken",)
     ),
     "error_event": Kind(
-        CHAT_PATH, _chat(24, True, {"error_event_after": 3}), ("engine error event",)
+        CHAT_PATH, chat(24, True, fake={"error_event_after": 3}), ("engine error event",)
     ),
     "engine_400": Kind(
         CHAT_PATH,
-        _chat(12, False, {"status": 400, "body": UPSTREAM_400}),
+        chat(12, False, fake={"status": 400, "body": UPSTREAM_400}),
         ("engine 400 passed through",),
     ),
 }

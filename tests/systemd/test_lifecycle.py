@@ -26,6 +26,7 @@ from proxy.server import VgateServer
 from proxy.systemd import Notifier, watchdog_interval
 from tests.fakes.harness import proxy_config
 from tests.fakes.vllm import FakeVLLM
+from tests.proxy.helpers import chat
 
 
 class Manager:
@@ -139,18 +140,6 @@ def serve(
     return Served(VgateServer(cfg, str(path), Notifier(env))).start()
 
 
-def chat(tokens: int, stream: bool, **fake: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "hi"}],
-        "max_tokens": tokens,
-        "stream": stream,
-    }
-    if fake:
-        body["fake"] = fake
-    return body
-
-
 def test_notifier_is_a_noop_without_a_socket() -> None:
     notifier = Notifier({})
     assert not notifier.enabled
@@ -219,7 +208,7 @@ def test_reload_applies_a_good_config_and_refuses_a_bad_one(
     try:
         with httpx.Client(base_url=served.url, timeout=10) as client:
             with client.stream(
-                "POST", "/v1/chat/completions", json=chat(20, True, token_delay=0.02)
+                "POST", "/v1/chat/completions", json=chat(20, True, fake={"token_delay": 0.02})
             ) as stream:
                 lines = stream.iter_lines()
                 assert next(lines).startswith("data: ")
@@ -263,7 +252,7 @@ def test_drain_lets_a_stream_finish(fake: FakeVLLM, manager: Manager, tmp_path: 
     with (
         httpx.Client(base_url=served.url, timeout=10) as client,
         client.stream(
-            "POST", "/v1/chat/completions", json=chat(30, True, token_delay=0.02)
+            "POST", "/v1/chat/completions", json=chat(30, True, fake={"token_delay": 0.02})
         ) as stream,
     ):
         lines = stream.iter_lines()
@@ -287,7 +276,7 @@ def test_drain_timeout_cancels_streams_upstream(
     with (
         httpx.Client(base_url=served.url, timeout=10) as client,
         client.stream(
-            "POST", "/v1/chat/completions", json=chat(500, True, token_delay=0.02)
+            "POST", "/v1/chat/completions", json=chat(500, True, fake={"token_delay": 0.02})
         ) as stream,
     ):
         lines = stream.iter_lines()
