@@ -90,11 +90,7 @@ class CompletionEndpoint:
                 )
             return
         except Exception as exc:
-            if isinstance(exc, VgateError):
-                failure = exc
-            else:
-                log.exception("unexpected error reading request %s", rid)
-                failure = INTERNAL_ERROR
+            failure = _as_error(exc, "reading", rid)
             try:
                 await _send_error(send, conn, failure, rid, {})
             finally:
@@ -155,15 +151,8 @@ class CompletionEndpoint:
                 )
                 status = status if started else error.status
                 await _fail(send, conn, error, request, started)
-        except VgateError as exc:
-            error = exc
-            status = status if started else exc.status
-            await _fail(send, conn, exc, request, started)
-        except Exception:
-            # A bug: logged with its traceback; the client gets a generic OpenAI-shaped 500 (or
-            # an error event on a started stream), never Starlette's plain text or internals.
-            log.exception("unexpected error serving request %s", rid)
-            error = INTERNAL_ERROR
+        except Exception as exc:
+            error = _as_error(exc, "serving", rid)
             status = status if started else error.status
             await _fail(send, conn, error, request, started)
         finally:
@@ -181,6 +170,16 @@ class CompletionEndpoint:
                     t0,
                     guard.first_byte_at,
                 )
+
+
+def _as_error(exc: Exception, doing: str, rid: str) -> VgateError:
+    """A vgate error as it is; anything else is a bug: logged with its traceback, and the
+    client gets a generic OpenAI-shaped 500 (or an error event on a started stream), never
+    Starlette's plain text or internals."""
+    if isinstance(exc, VgateError):
+        return exc
+    log.exception("unexpected error %s request %s", doing, rid)
+    return INTERNAL_ERROR
 
 
 async def _fail(
