@@ -1,7 +1,7 @@
 """The floor of bench/proxy_bench.py: uvicorn and vgate's own upstream client, nothing else.
 
 A raw ASGI app that forwards the body and relays the answer (whole or streamed chunk by chunk)
-with `proxy.wire.WireClient`: no validation, no policies, no timeouts, no metrics. What is
+with `proxy.upstream.wire.WireClient`: no validation, no policies, no timeouts, no metrics. What is
 left is the cost of uvicorn, asyncio and the sockets: vgate's figures minus these are what
 vgate's own logic costs, on whatever machine runs them.
 
@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxy.wire import WireClient
+from proxy.upstream.wire import WireClient
 
 
 def app(upstream: str) -> object:

@@ -17,13 +17,13 @@ from typing import Any
 import httpx
 from starlette.datastructures import Headers
 
-from engine.monitor import EngineMonitor
+from engine.client.monitor import EngineMonitor
 from policies import build_policies
 from policies.auth import new_key
-from proxy import config as config_module
-from proxy.forward import ModelRoute, Upstream
-from proxy.pipeline import ProxyRequest, ProxyResponse, chain
-from proxy.runtime import Services
+from proxy.core import config as config_module
+from proxy.core.pipeline import ProxyRequest, ProxyResponse, chain
+from proxy.runtime.runtime import Services
+from proxy.upstream.forward import ModelRoute, Upstream
 from tests.fakes.vllm import FakeVLLM
 
 N = 50_000

@@ -16,14 +16,14 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from policies.auth import AuthPolicy
 from policies.ratelimit import RateLimitPolicy
 from policies.truncate import TruncatePolicy
-from proxy.settings import Binder, ConfigError
+from proxy.core.binder import Binder, ConfigError
 
 if TYPE_CHECKING:
     from starlette.datastructures import Headers
 
-    from proxy.config import Config
-    from proxy.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse
-    from proxy.runtime import Services
+    from proxy.core.config import Config
+    from proxy.core.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse
+    from proxy.runtime.runtime import Services
 
 
 class PolicyClass(Protocol):

@@ -19,16 +19,16 @@ import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from policies.limits import Limits
-from proxy.errors import AuthenticationFailed, ModelNotFound
-from proxy.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
-from proxy.settings import check
+from policies.quotas import Limits
+from proxy.core.binder import check
+from proxy.core.errors import AuthenticationFailed, ModelNotFound
+from proxy.core.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
 
 if TYPE_CHECKING:
     from starlette.datastructures import Headers
 
-    from proxy.config import Config
-    from proxy.runtime import Services
+    from proxy.core.config import Config
+    from proxy.runtime.runtime import Services
 
 KEY_PREFIX = "vg-"
 # Names end up in logs, metrics and rate-limit storage keys: keep them plain.

@@ -20,15 +20,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from policies.auth import AuthSettings
 from policies.buckets import Bucket, Charge, Decision, MemoryStorage, Storage
 from policies.buckets import StorageUnavailable as StorageUnavailable
-from policies.limits import Limits
+from policies.quotas import Limits
 from policies.text import estimate_tokens
-from proxy.errors import RateLimited, VgateError
-from proxy.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
-from proxy.settings import Binder, check, positive
+from proxy.core.binder import Binder, check, positive
+from proxy.core.errors import RateLimited, VgateError
+from proxy.core.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
 
 if TYPE_CHECKING:
-    from proxy.config import Config
-    from proxy.runtime import Services
+    from proxy.core.config import Config
+    from proxy.runtime.runtime import Services
 
 log = logging.getLogger("vgate.ratelimit")
 

@@ -22,18 +22,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from engine import tokens
+from engine.client import tokens
 from policies.text import chat_bytes, utf8_len
-from proxy.errors import ContextLengthExceeded, UpstreamError
-from proxy.forward import ModelRoute, Upstream
-from proxy.pipeline import Handler, ProxyRequest, ProxyResponse
-from proxy.settings import check, non_negative, positive
+from proxy.core.binder import check, non_negative, positive
+from proxy.core.errors import ContextLengthExceeded, UpstreamError
+from proxy.core.pipeline import Handler, ProxyRequest, ProxyResponse
+from proxy.upstream.forward import ModelRoute, Upstream
 
 if TYPE_CHECKING:
     import httpx
 
-    from proxy.config import Config
-    from proxy.runtime import Services
+    from proxy.core.config import Config
+    from proxy.runtime.runtime import Services
 
 log = logging.getLogger("vgate.truncate")
 Message = dict[str, Any]

@@ -21,7 +21,8 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletionMessageParam
 from pydantic import SecretStr
 
-from engine import procs, prometheus
+from engine import procs
+from engine.client import exposition
 from tests.vllm_fixtures import VllmServer, free_port
 
 pytestmark = pytest.mark.vllm
@@ -59,7 +60,7 @@ upstreams = ["{vllm_server.base_url}"]
     log_path = work / "proxy.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
+            [sys.executable, "-m", "proxy.cli.main", "serve", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -91,7 +92,7 @@ def client(proxy_url: str) -> Iterator[openai.OpenAI]:
 
 def metric(server: VllmServer, name: str) -> float:
     text = httpx.get(server.base_url + "/metrics", timeout=10).text
-    return sum(prometheus.values(prometheus.parse(text), name))
+    return sum(exposition.values(exposition.parse(text), name))
 
 
 def test_models_list_shows_the_engine_window(client: openai.OpenAI) -> None:

@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 
 from engine import launch
-from engine.config import EngineConfig
-from proxy.config import from_dict
-from proxy.settings import ConfigError
+from proxy.core.binder import ConfigError
+from proxy.core.config import from_dict
+from proxy.core.engines import EngineConfig
 
 MODULE = ["-m", "vllm.entrypoints.openai.api_server"]
 DEV_TOML = str(Path(__file__).resolve().parents[2] / "engine" / "dev.toml")
@@ -202,7 +202,7 @@ def test_engine_table_rejects_unknown_keys_and_bad_values() -> None:
 
 
 def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     assert main(["engine", "args", "tiny", "--config", DEV_TOML]) == 0
     words = shlex.split(capsys.readouterr().out)
@@ -215,7 +215,7 @@ def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -
 
 
 def test_cli_names_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
-    from proxy.cli import main
+    from proxy.cli.main import main
 
     assert main(["engine", "args", "nope", "--config", DEV_TOML]) == 2
     assert "engines.nope: no such engine (known: tiny)" in capsys.readouterr().err

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from engine.monitor import EngineMonitor
+from engine.client.monitor import EngineMonitor
 
 METRICS = """\
 # TYPE vllm:num_requests_running gauge

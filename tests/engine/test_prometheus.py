@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from engine import prometheus
+from engine.client import exposition as prometheus
 
 VLLM_SAMPLE = """\
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -8,8 +8,8 @@ import json
 import httpx
 import pytest
 
-from engine import tokens
-from engine.monitor import EngineMonitor
+from engine.client import tokens
+from engine.client.monitor import EngineMonitor
 from tests.vllm_fixtures import VllmServer
 
 pytestmark = pytest.mark.vllm

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import orjson
 
-from engine import prometheus
+from engine.client import exposition as prometheus
 from tests.fakes.harness import ProxyServer
 
 Labels = frozenset[tuple[str, str]]

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import prometheus
-from proxy.metrics import ProxyMetrics
-from proxy.procstats import ProcReader
+from engine.client import exposition as prometheus
+from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.procstats import ProcReader
 
 linux = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
 

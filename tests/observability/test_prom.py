@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from engine import prometheus
-from proxy.prom import Gauge, Registry
+from engine.client import exposition as prometheus
+from proxy.telemetry.registry import Gauge, Registry
 
 
 def _samples(registry: Registry) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

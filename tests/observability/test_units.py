@@ -12,9 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy import config as config_module
-from proxy.config import LoggingConfig
-from proxy.errors import (
+from proxy.core import config as config_module
+from proxy.core.binder import ConfigError
+from proxy.core.config import LoggingConfig
+from proxy.core.errors import (
     InvalidRequest,
     Overloaded,
     RateLimited,
@@ -23,7 +24,7 @@ from proxy.errors import (
     UpstreamTimeout,
     VgateError,
 )
-from proxy.logs import (
+from proxy.telemetry.logs import (
     REQUEST_ID,
     JsonFormatter,
     StderrHandler,
@@ -32,9 +33,8 @@ from proxy.logs import (
     flush_handlers,
     request_record,
 )
-from proxy.metrics import OUTCOMES, reason_label, upstream_label
-from proxy.observe import classify
-from proxy.settings import ConfigError
+from proxy.telemetry.metrics import OUTCOMES, reason_label, upstream_label
+from proxy.telemetry.observe import classify
 
 
 def _config(**sections: Any) -> config_module.Config:

@@ -23,8 +23,8 @@ import pytest
 
 import policies
 from policies.auth import new_key
-from proxy.errors import Overloaded, RateLimited
-from proxy.pipeline import Handler, ProxyRequest, ProxyResponse
+from proxy.core.errors import Overloaded, RateLimited
+from proxy.core.pipeline import Handler, ProxyRequest, ProxyResponse
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM, prompt_tokens
 from tests.observability.helpers import (

@@ -12,11 +12,11 @@ import httpx
 import pytest
 import redis
 
-from engine.monitor import EngineMonitor
+from engine.client.monitor import EngineMonitor
 from policies.auth import new_key
-from proxy import config as config_module
-from proxy.forward import ModelRoute, Upstream
-from proxy.runtime import Services
+from proxy.core import config as config_module
+from proxy.runtime.runtime import Services
+from proxy.upstream.forward import ModelRoute, Upstream
 from tests.vllm_fixtures import free_port
 
 

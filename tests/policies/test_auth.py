@@ -16,9 +16,9 @@ import pytest
 from starlette.datastructures import Headers
 
 from policies.auth import AuthPolicy, AuthSettings, KeyEntry, new_key
-from proxy.cli import main
-from proxy.errors import AuthenticationFailed
-from proxy.logs import JsonFormatter
+from proxy.cli.main import main
+from proxy.core.errors import AuthenticationFailed
+from proxy.telemetry.logs import JsonFormatter
 from tests.conftest import ProxyFactory
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM

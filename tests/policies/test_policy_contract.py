@@ -20,8 +20,8 @@ import pytest
 from starlette.datastructures import Headers
 
 from policies import REGISTRY, build_policies
-from proxy.errors import UpstreamServerError, VgateError, error_body
-from proxy.pipeline import ProxyRequest, ProxyResponse
+from proxy.core.errors import UpstreamServerError, VgateError, error_body
+from proxy.core.pipeline import ProxyRequest, ProxyResponse
 from tests.fakes.vllm import FakeVLLM
 from tests.policies.conftest import make_services
 

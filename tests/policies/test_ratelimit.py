@@ -15,9 +15,9 @@ from starlette.datastructures import Headers
 from policies import build_policies
 from policies.buckets import MemoryStorage
 from policies.ratelimit import duration
-from proxy.errors import RateLimited, UpstreamServerError
-from proxy.pipeline import KeyInfo, ProxyRequest, ProxyResponse
-from proxy.runtime import Services
+from proxy.core.errors import RateLimited, UpstreamServerError
+from proxy.core.pipeline import KeyInfo, ProxyRequest, ProxyResponse
+from proxy.runtime.runtime import Services
 from tests.conftest import ProxyFactory
 from tests.fakes.vllm import FakeVLLM
 from tests.policies.conftest import make_services

@@ -12,8 +12,8 @@ import pytest
 from starlette.datastructures import Headers
 
 from policies import build_policies
-from proxy.errors import ContextLengthExceeded
-from proxy.pipeline import ProxyRequest, ProxyResponse
+from proxy.core.errors import ContextLengthExceeded
+from proxy.core.pipeline import ProxyRequest, ProxyResponse
 from tests.conftest import ProxyFactory
 from tests.fakes.vllm import FakeVLLM, prompt_tokens
 from tests.policies.conftest import make_services

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from engine import tokens
+from engine.client import tokens
 from tests.conftest import ProxyFactory
 from tests.vllm_fixtures import VllmServer
 

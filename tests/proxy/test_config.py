@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import cli
-from proxy.config import from_dict, load
-from proxy.settings import ConfigError
+from proxy.cli import main as cli
+from proxy.core.binder import ConfigError
+from proxy.core.config import from_dict, load
 
 MINIMAL = """\
 [server]

@@ -8,7 +8,7 @@ import httpx
 import orjson
 import pytest
 
-from engine import prometheus
+from engine.client import exposition as prometheus
 from tests.fakes.vllm import FakeVLLM, answer_text
 from tests.proxy.helpers import CHAT_PATH, COMPLETIONS_PATH, RawClient, chat, events
 

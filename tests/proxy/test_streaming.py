@@ -237,7 +237,8 @@ def test_first_byte_timeout_is_504_and_cancels_upstream(
 def test_first_event_timeout_after_upstream_headers_is_a_504(
     fake: FakeVLLM, proxy: ProxyFactory
 ) -> None:
-    # The proxy sends its headers with the first event (proxy.forward peeks it), so a stream
+    # The proxy sends its headers with the first event (proxy.upstream.forward peeks it), so a
+    # stream
     # whose first event never comes still gets a proper status, not a 200 with an error event.
     base = proxy(upstream={"first_byte_timeout": 0.5})
     r = stream_body(base, chat(stream=True, fake={"first_event_delay": 30}))

@@ -1,4 +1,4 @@
-"""proxy.wire's HTTP/1.1 client against raw asyncio servers on real loopback sockets.
+"""proxy.upstream.wire's HTTP/1.1 client against raw asyncio servers on real loopback sockets.
 
 Each test's server writes exact response bytes, so the test controls framing, timing and
 faults, and records what it received (request bytes, connections, the client's close).
@@ -17,9 +17,9 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
-from proxy.upstream import upstream_errors
-from proxy.wire import (
+from proxy.core.errors import UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
+from proxy.upstream.client import upstream_errors
+from proxy.upstream.wire import (
     WireClient,
     WireClosed,
     WireConnectError,

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from proxy.forward import Upstream
-from proxy.runtime import Runtime
+from proxy.runtime.runtime import Runtime
+from proxy.upstream.forward import Upstream
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
 from tests.vllm_fixtures import free_port

@@ -9,8 +9,8 @@ import time
 import pybreaker
 import pytest
 
-from proxy.breaker import Breaker
-from proxy.errors import CircuitOpen
+from proxy.core.errors import CircuitOpen
+from proxy.upstream.breaker import Breaker
 
 
 class Clock:
@@ -29,7 +29,8 @@ def make(fail_max: int = 3, reset: float = 10.0, probes: int = 1) -> tuple[Break
 
 
 async def test_pybreaker_alone_counts_a_failing_coroutine_as_a_success() -> None:
-    # Why proxy.breaker exists: the library's own call() sees the coroutine object, not its end.
+    # Why proxy.upstream.breaker exists: the library's own call() sees the coroutine object, not
+    # its end.
     cb = pybreaker.CircuitBreaker(fail_max=1)
 
     async def failing() -> None:

@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from proxy.config import fallback_chain, from_dict
-from proxy.settings import ConfigError
+from proxy.core.binder import ConfigError
+from proxy.core.config import fallback_chain, from_dict
 
 # The worked example of docs-drafts/resilience.md.
 EXAMPLE = """

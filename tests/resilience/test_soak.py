@@ -40,7 +40,7 @@ import httpx
 import orjson
 import pytest
 
-from engine import prometheus
+from engine.client import exposition as prometheus
 from tests.fakes.processes import service
 from tests.proxy.helpers import CHAT_PATH, COMPLETIONS_PATH, chat, events
 

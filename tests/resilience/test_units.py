@@ -8,13 +8,13 @@ from typing import Any
 
 import pytest
 
-from engine.monitor import EngineMonitor
-from proxy.admission import Admission
-from proxy.balance import Choice, affinity_key, pick
-from proxy.breaker import Breaker
-from proxy.errors import Overloaded
-from proxy.forward import Upstream
-from proxy.retry import RetryBudget, backoff
+from engine.client.monitor import EngineMonitor
+from proxy.core.errors import Overloaded
+from proxy.upstream.admission import Admission
+from proxy.upstream.balance import Choice, affinity_key, pick
+from proxy.upstream.breaker import Breaker
+from proxy.upstream.forward import Upstream
+from proxy.upstream.retry import RetryBudget, backoff
 
 
 def upstream(label: str, inflight: int = 0, healthy: bool | None = True) -> Upstream:

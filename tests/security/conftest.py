@@ -1,4 +1,4 @@
-"""A real proxy (uvicorn, the app, proxy.protocol) in front of the session's fake vLLM."""
+"""A real proxy (uvicorn, the app, proxy.http.protocol) in front of the session's fake vLLM."""
 
 from __future__ import annotations
 

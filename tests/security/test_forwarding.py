@@ -11,9 +11,9 @@ from collections.abc import AsyncIterator
 import orjson
 import pytest
 
-from proxy.forward import Forwarder
-from proxy.pipeline import ProxyRequest, ProxyResponse
-from proxy.runtime import Runtime
+from proxy.core.pipeline import ProxyRequest, ProxyResponse
+from proxy.runtime.runtime import Runtime
+from proxy.upstream.forward import Forwarder
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
 from tests.security.conftest import forwarded
@@ -197,7 +197,7 @@ def test_body_under_the_limit_but_over_1mib_is_forwarded_whole(
     fake: FakeVLLM, server: ProxyServer
 ) -> None:
     # The control for the 413s: 3 MiB is under the default 4 MiB (aiohttp needs it as a file
-    # object beyond 1 MiB, or warns; proxy.upstream).
+    # object beyond 1 MiB, or warns; proxy.upstream.client).
     body = chat_body(pad="y" * (3 * MB))
     with Conn(server.port) as conn:
         conn.send(request(body))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxy.metrics import ProxyMetrics
+from proxy.telemetry.metrics import ProxyMetrics
 from tests.conftest import ProxyFactory
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM

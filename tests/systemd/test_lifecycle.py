@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy import config as config_module
-from proxy.reload import needs_restart
-from proxy.server import VgateServer
-from proxy.systemd import Notifier, watchdog_interval
+from proxy.core import config as config_module
+from proxy.ops.reload import needs_restart
+from proxy.ops.sdnotify import Notifier, watchdog_interval
+from proxy.ops.server import VgateServer
 from tests.fakes.harness import proxy_config
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import chat

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.installer import UNITS, Installer, Layout
+from proxy.ops.installer import UNITS, Installer, Layout
 
 pytestmark = [
     pytest.mark.systemd,

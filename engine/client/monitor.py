@@ -1,0 +1,155 @@
+"""What the proxy knows about one engine, learned in the background, never on the request path.
+
+`EngineMonitor` probes `GET /health`, scrapes `GET /metrics` (KV cache usage, running and waiting
+requests) and discovers `max_model_len` from `GET /v1/models`, each on its own interval. Results
+are plain attributes that policies and `/ready` read without awaiting anything. Errors are
+recorded in `last_error` / `metrics_error`, never raised out of `run`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+
+import httpx
+
+from engine.client import exposition as prometheus
+
+log = logging.getLogger("vgate.engine")
+
+# Newest name first: vLLM V1 renamed gpu_cache_usage_perc (also shown by the CPU build).
+KV_CACHE_USAGE = ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc")
+RUNNING = ("vllm:num_requests_running",)
+WAITING = ("vllm:num_requests_waiting",)
+
+
+class EngineMonitor:
+    """Health, load and limits of the engine at `base_url` that serves `served_name`."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        base_url: str,
+        served_name: str,
+        *,
+        health_interval: float = 5.0,
+        metrics_interval: float = 2.0,
+        probe_timeout: float = 5.0,
+        api_key: str | None = None,
+        on_health_change: Callable[[EngineMonitor], None] | None = None,
+    ) -> None:
+        self.client = client
+        self.base_url = base_url.rstrip("/")
+        self.served_name = served_name
+        self.health_interval = health_interval
+        self.metrics_interval = metrics_interval
+        self.probe_timeout = probe_timeout
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._on_health_change = on_health_change
+
+        self.healthy: bool | None = None  # None: not probed yet
+        self.last_error: str | None = None  # why the last health round failed
+        self.checked_at: float | None = None  # time.monotonic() of the last health round
+        self.max_model_len: int | None = None
+        self.kv_cache_usage: float | None = None  # 0..1
+        self.running: float | None = None
+        self.waiting: float | None = None
+        self.metrics_error: str | None = None
+        self.updated_at: float | None = None  # time.monotonic() of the last good scrape
+
+    async def refresh(self) -> None:
+        """One round of everything (for startup); never raises."""
+        await self.check_health()
+        await self.scrape_metrics()
+
+    async def run(self) -> None:
+        """Probe and scrape forever on their intervals; cancel the task to stop."""
+        next_health = next_metrics = time.monotonic()
+        while True:
+            now = time.monotonic()
+            if now >= next_health:
+                await self.check_health()
+                next_health = time.monotonic() + self.health_interval
+            if now >= next_metrics:
+                await self.scrape_metrics()
+                next_metrics = time.monotonic() + self.metrics_interval
+            await asyncio.sleep(max(0.0, min(next_health, next_metrics) - time.monotonic()))
+
+    async def check_health(self) -> None:
+        """GET /health; while healthy and the window is unknown, also GET /v1/models."""
+        error: str | None = None
+        try:
+            response = await self._get("/health")
+            if response.status_code != 200:
+                error = f"/health answered {response.status_code}"
+        except Exception as exc:  # a probe must survive anything the network does
+            error = _describe(exc)
+        if error is None and self.max_model_len is None:
+            # Discovery failing leaves the engine healthy: requests work without the number.
+            with contextlib.suppress(Exception):
+                self.max_model_len = await self._discover_max_model_len()
+        self._set_health(error)
+
+    async def scrape_metrics(self) -> None:
+        """GET /metrics and keep the load gauges; on failure they become None (not stale)."""
+        try:
+            response = await self._get("/metrics")
+            if response.status_code != 200:
+                raise ValueError(f"/metrics answered {response.status_code}")
+            samples = prometheus.parse(response.text)
+        except Exception as exc:  # keep serving whatever the exporter does
+            self.kv_cache_usage = self.running = self.waiting = None
+            self.metrics_error = _describe(exc)
+            return
+        # Several engines behind one server (data parallel) report one sample each.
+        kv = prometheus.values(samples, *KV_CACHE_USAGE)
+        running = prometheus.values(samples, *RUNNING)
+        waiting = prometheus.values(samples, *WAITING)
+        self.kv_cache_usage = max(kv) if kv else None
+        self.running = sum(running) if running else None
+        self.waiting = sum(waiting) if waiting else None
+        self.metrics_error = None
+        self.updated_at = time.monotonic()
+
+    async def _discover_max_model_len(self) -> int | None:
+        response = await self._get("/v1/models")
+        if response.status_code != 200:
+            return None
+        for model in response.json().get("data", []):
+            if model.get("id") == self.served_name and isinstance(model.get("max_model_len"), int):
+                return int(model["max_model_len"])
+        return None
+
+    async def _get(self, path: str) -> httpx.Response:
+        return await self.client.get(
+            self.base_url + path, headers=self._headers, timeout=self.probe_timeout
+        )
+
+    def _set_health(self, error: str | None) -> None:
+        was = self.healthy
+        self.healthy = error is None
+        self.last_error = error
+        self.checked_at = time.monotonic()
+        if not self.healthy:
+            # A restarted engine may come back with a different window.
+            self.max_model_len = None
+        if was != self.healthy:
+            if error is None:
+                log.info("engine %s is healthy", self.base_url)
+            else:
+                log.warning("engine %s is unhealthy: %s", self.base_url, error)
+            if self._on_health_change is not None:
+                self._on_health_change(self)
+
+
+def _describe(exc: Exception) -> str:
+    # A refused or unroutable connection can surface as ConnectTimeout: check connecting first.
+    if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
+        return f"cannot connect: {exc}"[:300]
+    if isinstance(exc, httpx.TimeoutException):
+        return "timed out"
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}"[:300] if text else type(exc).__name__

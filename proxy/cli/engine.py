@@ -1,0 +1,80 @@
+"""The engine side of the `vgate` command line: `engine args|run`, `dev build-model`, `up`."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+
+from proxy.core import config as config_module
+from proxy.core.binder import ConfigError
+from proxy.core.config import Config
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the engine subcommands to `vgate`'s subparsers; each sets `func(args) -> int`."""
+    engine = sub.add_parser("engine", help="launch a configured vLLM engine")
+    engine_sub = engine.add_subparsers(dest="engine_command", required=True)
+    for verb, func, help_text in (
+        ("args", _engine_args, "print the engine's command line (with its environment)"),
+        ("run", _engine_run, "exec the engine (what a systemd unit runs)"),
+    ):
+        p = engine_sub.add_parser(verb, help=help_text)
+        p.add_argument("name", help="engine name ([engines.NAME] in the config)")
+        p.add_argument("--config", required=True, help="TOML config file")
+        p.set_defaults(func=func)
+
+    dev = sub.add_parser("dev", help="developer tools")
+    dev_sub = dev.add_subparsers(dest="dev_command", required=True)
+    build = dev_sub.add_parser("build-model", help="build the tiny dev model (no downloads)")
+    build.add_argument("dir", help="output directory")
+    build.set_defaults(func=_build_model)
+
+    up = sub.add_parser("up", help="start the engines and the proxy in the foreground")
+    up.add_argument("--config", required=True, help="TOML config file")
+    up.add_argument(
+        "--ready-timeout", type=float, default=900.0, help="seconds to wait for /ready (900)"
+    )
+    up.set_defaults(func=_up)
+
+
+def _engine(args: argparse.Namespace) -> tuple[Config, str]:
+    cfg = config_module.load(args.config)
+    if args.name not in cfg.engines:
+        known = ", ".join(sorted(cfg.engines)) or "none"
+        raise ConfigError(args.config, [f"engines.{args.name}: no such engine (known: {known})"])
+    return cfg, args.name
+
+
+def _engine_args(args: argparse.Namespace) -> int:
+    from engine import launch
+
+    cfg, name = _engine(args)
+    print(launch.build(name, cfg.engines[name]).shell())
+    return 0
+
+
+def _engine_run(args: argparse.Namespace) -> int:
+    from engine import launch
+
+    cfg, name = _engine(args)
+    sys.stdout.flush()
+    launch.exec_engine(launch.build(name, cfg.engines[name]))
+    return 1  # not reached: exec replaced this process
+
+
+def _build_model(args: argparse.Namespace) -> int:
+    # Imported here: numpy/tokenizers are only needed by this command.
+    from engine import devmodel
+
+    started = time.monotonic()
+    out = devmodel.build(args.dir)
+    print(f"built {out} in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def _up(args: argparse.Namespace) -> int:
+    from proxy.ops.up import up
+
+    return asyncio.run(up(args.config, ready_timeout=args.ready_timeout))

@@ -1,0 +1,48 @@
+"""How one vLLM engine is launched, as typed config (`[engines.NAME]`).
+
+Relative paths (`python`, `model`, `runtime_dir`) are resolved against the current working
+directory at launch time, as a shell would: `make run` runs from the repository root, and a
+systemd unit sets `WorkingDirectory=` (or uses absolute paths).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from proxy.core.binder import Check, check, fraction, non_empty, port_number, positive
+
+
+def _optional(fn: Check) -> Check:
+    def inner(v: Any) -> str | None:
+        return None if v is None else fn(v)
+
+    return inner
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    model: str = check(non_empty)  # local path or a model id
+    served_name: str | None = None  # default: the engine's name (the table key)
+    host: str = "127.0.0.1"
+    port: int = check(port_number, 8000)
+    build: Literal["cpu", "cuda"] = "cuda"
+    python: str = "python3"  # the interpreter of the engine's own venv
+    max_model_len: int | None = check(_optional(positive), None)
+    gpu_memory_utilization: float | None = check(_optional(fraction), None)
+    # None leaves vLLM's own default (on in V1 for most models); false turns it off explicitly.
+    enable_prefix_caching: bool | None = None
+    quantization: str | None = None  # "fp8", "awq", ... (passed through; vLLM validates)
+    tensor_parallel_size: int = check(positive, 1)
+    kv_cache_bytes: int | None = check(_optional(positive), None)
+    swap_space: float | None = None  # GiB; only vLLM versions that still have --swap-space
+    # None: on for the CPU build (compiling costs 25-48 s at every start and is never reused).
+    enforce_eager: bool | None = None
+    dtype: str | None = None  # None: "float32" on the CPU build, vLLM's "auto" on CUDA
+    cpu_cores: str | None = None  # taskset list, e.g. "0" or "0-3"; also binds OpenMP threads
+    api_key: str | None = None  # handed to vLLM as VLLM_API_KEY, never on the command line
+    # TMPDIR, VLLM_CACHE_ROOT and VLLM_RPC_BASE_PATH of the CPU build (vLLM leaves sockets and
+    # vllm_dist_* files there); default: <system temp>/vgate-engine-NAME-PORT.
+    runtime_dir: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)  # last word over every variable we set

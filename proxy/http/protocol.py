@@ -1,0 +1,353 @@
+"""uvicorn's httptools protocol with the bounds it lacks.
+
+uvicorn 0.54 with httptools bounds neither the size nor the number of request headers, has no
+timeout for a request head or body that trickles in (nor for a connection that never sends a
+byte), answers framing errors with plain text, and lets a request asking for a protocol upgrade
+through although its parser then stops reading the connection. `BoundedHttpProtocol` adds:
+
+- head timeout: a request's line and headers must be complete `server.header_timeout` seconds
+  after the connection opened (first request) or after its first byte (later ones);
+- body timeout: its body must be complete `server.body_timeout` seconds after the head;
+- head size: at most `server.max_header_bytes` of request line and headers and
+  `server.max_headers` header fields, else 431;
+- framing errors llhttp detects (Content-Length with Transfer-Encoding, two Content-Lengths,
+  bad chunk framing, bad characters) and upgrade requests: an OpenAI-shaped 400;
+- uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text.
+
+A refused connection is closed, and a handler already reading the refused request sees a
+disconnect, so nothing of it goes upstream. A request already read whole keeps its answer; the
+connection closes after it. Deadlines count from the start of the head or body, not from the
+last byte, so a client cannot stretch them by trickling.
+
+Cost: at most one timer per connection, armed only while a head or body is incomplete after a
+read; a request whose head and body arrive in one read arms none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import httptools
+from starlette.types import Receive, Scope, Send
+from uvicorn.config import Config as UvicornConfig
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.server import ServerState
+
+from proxy.core.config import ServerConfig
+from proxy.core.errors import (
+    HeadersTooLarge,
+    MalformedHTTP,
+    Overloaded,
+    RequestTimeout,
+    VgateError,
+    error_body,
+)
+from proxy.http.hooks import SCOPE_KEY
+
+log = logging.getLogger("vgate.http")
+
+# Where the parser is in the current request.
+IDLE, HEAD, BODY = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Bounds:
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    max_header_bytes: int = 64 * 1024
+    max_headers: int = 100
+    # Called with a short reason for every refused request (a metrics counter).
+    count: Callable[[str], None] | None = None
+
+    @classmethod
+    def of(cls, server: ServerConfig, count: Callable[[str], None] | None = None) -> Bounds:
+        return cls(
+            header_timeout=server.header_timeout,
+            body_timeout=server.body_timeout,
+            max_header_bytes=server.max_header_bytes,
+            max_headers=server.max_headers,
+            count=count,
+        )
+
+
+class _Refused(Exception):
+    """Raised from a parser callback to stop parsing; the reason is in `_refusal`."""
+
+
+def protocol_class(
+    server: ServerConfig, count: Callable[[str], None] | None = None
+) -> type[BoundedHttpProtocol]:
+    """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`) for these settings."""
+    bounds = Bounds.of(server, count)
+    return type("VgateHttpProtocol", (BoundedHttpProtocol,), {"bounds": bounds})
+
+
+def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
+    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
+
+
+async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
+    exc = Overloaded("The server is at its connection limit; retry shortly.")
+    body = error_body(exc)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": exc.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"retry-after", b"1"),
+                (b"connection", b"close"),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
+
+
+def _nothing() -> None:
+    pass
+
+
+class _Corked:
+    """A transport stand-in for one response: writes are joined and go out as one."""
+
+    __slots__ = ("_parts", "_transport")
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._parts: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._parts.append(data)
+
+    def flush(self) -> None:
+        if self._parts:
+            data = b"".join(self._parts)
+            self._parts.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """uvicorn's HttpToolsProtocol with head/body timeouts, head limits and JSON refusals."""
+
+    bounds: ClassVar[Bounds] = Bounds()
+
+    def __init__(
+        self,
+        config: UvicornConfig,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)
+        self._stage = IDLE
+        self._head_bytes = 0  # bytes read since the current head began (approximate: per read)
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_stage = IDLE
+        self._refusal: tuple[VgateError, str] | None = None
+        self._done = False  # refused: ignore whatever else arrives
+        # Called once when the connection is lost (proxy.http.guard): a disconnect reaches the
+        # request without a watcher task per request.
+        self._on_lost: Callable[[], None] | None = None
+        # The concurrency limit is checked here, to answer it with JSON (on_headers_complete).
+        self._limit, self.limit_concurrency = self.limit_concurrency, None
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # The first head's deadline counts from here: a connection that never sends a byte
+        # is closed too (uvicorn arms its keep-alive timer only after a response).
+        self._arm(HEAD)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+        callback, self._on_lost = self._on_lost, None
+        if callback is not None:
+            callback()
+
+    def data_received(self, data: bytes) -> None:
+        if self._done:
+            return
+        self._unset_keepalive_if_required()
+        if self._stage != BODY:
+            self._head_bytes += len(data)
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._refuse(MalformedHTTP("Protocol upgrades are not supported."), "upgrade")
+            return
+        except httptools.HttpParserError as exc:
+            refusal = self._refusal
+            if refusal is None:
+                reason = str(exc) or "invalid framing"
+                refusal = (MalformedHTTP(f"Malformed HTTP request: {reason}."), "malformed")
+            self._refuse(*refusal)
+            return
+        stage = self._stage
+        if stage == BODY:
+            if self._timer_stage != BODY:
+                self._arm(BODY)
+        elif stage == HEAD:
+            if self._head_bytes > self.bounds.max_header_bytes:
+                self._refuse(self._too_large(), "headers_too_large")
+            elif self._timer_stage != HEAD:
+                self._arm(HEAD)
+        else:
+            cycle = self.cycle
+            if cycle is not None and not cycle.response_complete:
+                # The common case: the whole request came in this read and is being served.
+                if self._timer is not None:
+                    self._disarm()
+            elif self._timer is None:
+                # Bytes that began no request (blank lines) since the last answer: they must
+                # not keep an idle connection open forever.
+                self._arm(HEAD)
+
+    # -- parser callbacks -----------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._stage = HEAD
+        self.scope[SCOPE_KEY] = self  # type: ignore[literal-required]
+
+    # -- proxy.http.hooks.ConnectionHooks --------------------------------------------------------
+    def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
+        self._on_lost = callback
+
+    def cork(self) -> Callable[[], None]:
+        if self.pipeline:
+            # A pipelined request is queued: `self.cycle` is that one, not the caller's.
+            return _nothing
+        cycle = self.cycle
+        corked = _Corked(self.transport)
+        cycle.transport = corked  # type: ignore[assignment]
+
+        def uncork() -> None:
+            cycle.transport = self.transport
+            corked.flush()
+
+        return uncork
+
+    def on_headers_complete(self) -> None:
+        bounds = self.bounds
+        if len(self.headers) > bounds.max_headers or (
+            # Exact size only when the cheap count says it may be over.
+            self._head_bytes > bounds.max_header_bytes
+            and _head_size(self.url, self.headers) > bounds.max_header_bytes
+        ):
+            self._refusal = (self._too_large(), "headers_too_large")
+            raise _Refused
+        if self.parser.should_upgrade():
+            # llhttp stops parsing at an upgrade: the body and any later request would be lost.
+            self._refusal = (MalformedHTTP("Protocol upgrades are not supported."), "upgrade")
+            raise _Refused
+        self._stage = BODY
+        self._head_bytes = 0
+        limit = self._limit
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            if self.bounds.count is not None:
+                self.bounds.count("overloaded")
+            app, self.app = self.app, _overloaded
+            try:
+                super().on_headers_complete()
+            finally:
+                self.app = app
+            return
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self._stage = IDLE
+
+    # -- timers ---------------------------------------------------------------------------
+    def _arm(self, stage: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        seconds = self.bounds.header_timeout if stage == HEAD else self.bounds.body_timeout
+        self._timer = self.loop.call_later(seconds, self._expire)
+        self._timer_stage = stage
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self._timer_stage = IDLE
+
+    def _expire(self) -> None:
+        stage = self._timer_stage
+        self._timer = None
+        self._timer_stage = IDLE
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:
+            # We stopped reading (a pipelined request waits, or the handler has not taken the
+            # body yet): the wait is ours, not the client's.
+            self._arm(stage)
+            return
+        if self._stage == IDLE:
+            cycle = self.cycle
+            if cycle is None or cycle.response_complete:
+                # Nothing asked: close quietly, as uvicorn's keep-alive timeout does.
+                self.transport.close()
+            return
+        if self._stage == HEAD:
+            what, seconds, reason = "headers", self.bounds.header_timeout, "header_timeout"
+        else:
+            what, seconds, reason = "body", self.bounds.body_timeout, "body_timeout"
+        self._refuse(
+            RequestTimeout(f"The request {what} did not arrive within {seconds:g} s."), reason
+        )
+
+    # -- refusing -------------------------------------------------------------------------
+    def _too_large(self) -> HeadersTooLarge:
+        b = self.bounds
+        return HeadersTooLarge(
+            f"Request headers exceed the limit of {b.max_header_bytes} bytes "
+            f"or {b.max_headers} fields."
+        )
+
+    def _refuse(self, exc: VgateError, reason: str) -> None:
+        """Answer `exc` if no answer is under way, and close the connection."""
+        self._done = True
+        self._disarm()
+        if self.bounds.count is not None:
+            self.bounds.count(reason)
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        log.info("refused a request from %s: %s (%s)", peer, exc.message, reason)
+        cycle = self.cycle
+        if cycle is not None and not cycle.more_body and not cycle.response_complete:
+            # The request being served (or queued) was read whole before the bad bytes: it
+            # keeps its answer, and the connection closes after it.
+            cycle.keep_alive = False
+            return
+        # No answer yet (or the last one is complete): answer. An answer that started or was
+        # given early while the body was still coming cannot be followed by another.
+        if cycle is None or not cycle.response_started or not cycle.more_body:
+            self._write_error(exc)
+        self.transport.close()
+
+    def _write_error(self, exc: VgateError) -> None:
+        if self.transport.is_closing():
+            return
+        body = error_body(exc)
+        head = [
+            STATUS_LINE[exc.status],
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n",
+        ]
+        head += [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in exc.headers.items()]
+        head.append(b"\r\n")
+        self.transport.write(b"".join(head) + body)

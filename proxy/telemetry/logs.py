@@ -1,0 +1,155 @@
+"""Structured logs: one JSON object per line on stderr (journald keeps it), or readable text.
+
+Every record logged while a request is being handled carries its `request_id`: the endpoint puts
+the id in a context variable (each ASGI request runs in its own task, so ids never leak between
+requests) and the formatter reads it. Fields go in `extra={"fields": {...}}`.
+
+What is logged about a request is chosen by `proxy.telemetry.observe`: names and numbers, never an
+API key,
+its hash, or prompt or completion text.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextvars import ContextVar
+from typing import Any
+
+import orjson
+
+from proxy.core.config import LoggingConfig
+
+REQUEST_ID: ContextVar[str | None] = ContextVar("vgate_request_id", default=None)
+# Loggers routed through our handler: ours (by name or by module) and uvicorn's.
+LOGGERS = ("vgate", "uvicorn", "engine", "proxy", "policies")
+
+
+class _Formatter(logging.Formatter):
+    """The fields every line has; the timestamp's date part is formatted once per second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._prefix = ""
+
+    def fields(self, record: logging.LogRecord) -> dict[str, Any]:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._prefix = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        data: dict[str, Any] = {
+            "ts": f"{self._prefix}.{int(record.created * 1000) % 1000:03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        # A record made away from its request (batched) carries the id itself.
+        rid = getattr(record, "request_id", None) or REQUEST_ID.get()
+        if rid is not None:
+            data["request_id"] = rid
+        extra = getattr(record, "fields", None)
+        if isinstance(extra, dict):
+            if extra.keys() & data.keys():
+                # Fields never replace the base ones (a stage cannot forge the request id).
+                extra = {k: v for k, v in extra.items() if k not in data}
+            data.update(extra)
+        return data
+
+
+class JsonFormatter(_Formatter):
+    """`{"ts", "level", "logger", "msg", "request_id"?, ...fields, "exc"?}` on one line."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = self.fields(record)
+        if record.exc_info:
+            data["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(data, default=str).decode()
+
+
+class TextFormatter(_Formatter):
+    """`ts LEVEL logger: msg key=value ...` for a person at a terminal."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = self.fields(record)
+        head = f"{data.pop('ts')} {data.pop('level').upper():7} {data.pop('logger')}: "
+        line: str = head + str(data.pop("msg"))
+        pairs = " ".join(f"{k}={v}" for k, v in data.items() if v is not None)
+        if pairs:
+            line += " " + pairs
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Lines to stderr (fd 2); records marked `batched` are written together at `flush()`.
+
+    sys.stderr is line-buffered: one write(2) per line, which costs more than formatting the
+    line when thousands of requests end per second. Request lines are logged in batches and
+    flushed once per batch; every other record is written at once, as usual.
+    """
+
+    def __init__(self, fd: int = 2) -> None:
+        stream = open(fd, "w", buffering=1 << 16, encoding="utf-8", closefd=False)  # noqa: SIM115
+        super().__init__(stream)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not getattr(record, "batched", False):
+            super().emit(record)
+            return
+        try:
+            self.stream.write(self.format(record) + self.terminator)
+        except Exception:
+            self.handleError(record)
+
+
+def flush_handlers(logger: logging.Logger) -> None:
+    """Flush every handler a record of `logger` reaches (the end of a batch)."""
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            handler.flush()
+        current = current.parent if current.propagate else None
+
+
+# What LogRecord.__init__ computes that never changes in this process (module, thread and
+# process names): copied into per-request records instead of being recomputed each time.
+_TEMPLATE = dict(vars(logging.LogRecord("vgate.request", logging.INFO, __file__, 0, "", (), None)))
+_EPOCH = _TEMPLATE["created"] - _TEMPLATE["relativeCreated"] / 1000
+
+
+def request_record(
+    logger: str, msg: str, request_id: str, created: float, fields: dict[str, Any]
+) -> logging.LogRecord:
+    """An info record made at `created` (time.time()) for `Logger.handle`, without
+    `Logger.info`'s stack walk and lookups: thousands of these are logged per second."""
+    record = logging.LogRecord.__new__(logging.LogRecord)
+    data = vars(record)
+    data.update(_TEMPLATE)
+    now = created
+    data["name"] = logger
+    data["msg"] = msg
+    data["created"] = now
+    data["msecs"] = (now - int(now)) * 1000
+    data["relativeCreated"] = (now - _EPOCH) * 1000
+    data["request_id"] = request_id
+    data["batched"] = True  # written at the end of its batch (StderrHandler)
+    data["fields"] = fields
+    return record
+
+
+def dict_config(config: LoggingConfig) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for uvicorn's `log_config` (it applies it at startup)."""
+    level = config.level.upper()
+    formatter = JsonFormatter if config.format == "json" else TextFormatter
+    return {
+        "version": 1,
+        # Loggers created at import time (engine monitors) must keep working.
+        "disable_existing_loggers": False,
+        "formatters": {"vgate": {"()": formatter}},
+        "handlers": {"stderr": {"()": StderrHandler, "formatter": "vgate"}},
+        "loggers": {
+            name: {"handlers": ["stderr"], "level": level, "propagate": False} for name in LOGGERS
+        },
+    }

@@ -1,0 +1,219 @@
+"""One upstream attempt: the HTTP exchange, the stream's first-chunk peek, and its relay.
+
+A stream is handed back only once its first chunk arrived, so a failure before the first event
+can still be retried (proxy.upstream.forward) and the client sees one coherent stream. After that,
+bytes
+are relayed as they arrive and the attempt's `Lease` (its slot on the upstream and its breaker
+probe) is released when the stream ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+import orjson
+
+from proxy.core.errors import (
+    ContextLengthExceeded,
+    InvalidRequest,
+    UpstreamServerError,
+    UpstreamStreamBroken,
+)
+from proxy.core.pipeline import ProxyRequest, ProxyResponse
+from proxy.upstream.client import UpstreamClient, UpstreamResponse, upstream_errors
+from proxy.upstream.sse import UsageTap, usage_of
+
+if TYPE_CHECKING:
+    from proxy.upstream.forward import ModelRoute, Upstream
+
+# What vLLM says when a prompt does not fit its window (renderers/params.py, input_processor.py).
+_OVERFLOW_MARKS = (b"maximum context length", b"maximum model length")
+# proxy.http.guard cancels the request task with its reason: these are the upstream's fault.
+_TIMEOUT_REASONS = ("first_byte_timeout", "idle_timeout")
+
+
+def timed_out(exc: asyncio.CancelledError) -> bool:
+    """Whether a cancellation is proxy.http.guard's first-byte or idle timeout (not the client)."""
+    return bool(exc.args) and exc.args[0] in _TIMEOUT_REASONS
+
+
+class Lease:
+    """One attempt's hold on an upstream: its slot and, while half-open, its probe."""
+
+    __slots__ = ("probe", "released", "route", "upstream")
+
+    def __init__(self, route: ModelRoute, upstream: Upstream, probe: bool) -> None:
+        self.route = route
+        self.upstream = upstream
+        self.probe = probe
+        self.released = False
+
+    def succeeded(self) -> None:
+        self.upstream.breaker.success(self.probe)
+        self.probe = False
+
+    def failed(self) -> None:
+        self.upstream.failures += 1
+        self.upstream.breaker.failure(self.probe)
+        self.probe = False
+
+    def abandoned(self) -> None:
+        self.upstream.breaker.release(self.probe)
+        self.probe = False
+
+    def release(self) -> None:
+        if not self.released:
+            self.released = True
+            self.route.admission.release(self.upstream)
+
+
+class Sender:
+    """Sends one request to one upstream with only the headers we choose."""
+
+    def __init__(self, client: UpstreamClient) -> None:
+        self._client = client
+
+    async def send(
+        self,
+        upstream: Upstream,
+        request: ProxyRequest,
+        lease: Lease,
+        strip_usage: bool,
+        overflow: bool = False,
+    ) -> ProxyResponse:
+        """Send to `upstream`; a stream is returned only once its first chunk arrived."""
+        body = request.body
+        body["model"] = upstream.served_name
+        if request.stream:
+            # Always ask for usage: token limits and metrics reconcile from it. The client sees
+            # the usage event only if it asked (`strip_usage`). A new dict: the client's stays
+            # as sent, for a fallback that starts over from it.
+            options = body.get("stream_options")
+            body["stream_options"] = {
+                **(options if isinstance(options, dict) else {}),
+                "include_usage": True,
+            }
+        # Only headers we choose leave: never the client's Authorization, cookies, hop-by-hop
+        # or custom-host headers; the URL is the configured upstream, whatever the body says.
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream" if request.stream else "application/json",
+            "accept-encoding": "identity",
+            "x-request-id": request.request_id,
+        }
+        if upstream.auth:
+            headers["authorization"] = upstream.auth
+        url = f"{upstream.base_url}/v1/{request.route}"
+        try:
+            content = orjson.dumps(body)
+        except TypeError:
+            # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
+            raise InvalidRequest("Request body is nested too deeply.") from None
+        outbound = self._client.build_request("POST", url, content=content, headers=headers)
+        label = upstream.label
+        with upstream_errors(label):
+            response = await self._client.send(outbound, stream=True)
+        status = response.status_code
+        try:
+            if request.stream and status < 400:
+                chunks = response.aiter_raw()
+                with upstream_errors(label):
+                    first = await anext(chunks, b"")
+                if not first:
+                    raise UpstreamServerError("The upstream ended the stream before any event.")
+                relay = _relay(first, chunks, response, lease)
+                events = aiter(UsageTap(relay, request, strip=strip_usage))
+                return ProxyResponse(
+                    status=status,
+                    content_type="text/event-stream; charset=utf-8",
+                    stream=_Stream(events, relay, response, lease),
+                )
+            with upstream_errors(label):
+                content = await response.aread()
+        except BaseException:
+            await response.aclose()
+            raise
+        await response.aclose()
+        if status >= 500:
+            # 5xx bodies can carry tracebacks and paths: the client gets a generic message.
+            raise UpstreamServerError(
+                f"The upstream failed to process the request (status {status})."
+            )
+        if status < 300:
+            request.usage = usage_of(content)
+        elif status == 400 and overflow and any(m in content for m in _OVERFLOW_MARKS):
+            raise ContextLengthExceeded(
+                "The prompt is longer than this model's context window.", param="messages"
+            )
+        return ProxyResponse(
+            status=status,
+            content_type=response.headers.get("content-type", "application/json"),
+            body=content,
+        )
+
+
+class _Stream:
+    """The client-facing stream: iterating it iterates the relay directly (no extra layer per
+    chunk); closing it always frees the upstream, even if iteration never started."""
+
+    __slots__ = ("_events", "_lease", "_relay", "_response")
+
+    def __init__(
+        self,
+        events: AsyncIterator[bytes],
+        relay: AsyncIterator[bytes],
+        response: UpstreamResponse,
+        lease: Lease,
+    ) -> None:
+        self._events = events
+        self._relay = relay
+        self._response = response
+        self._lease = lease
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events
+
+    async def __anext__(self) -> bytes:
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        try:
+            for it in (self._events, self._relay):
+                aclose = getattr(it, "aclose", None)
+                if aclose is not None:
+                    await aclose()
+        finally:
+            if not self._lease.released:
+                # The relay never started (the client left before the headers went out).
+                self._lease.abandoned()
+                self._lease.release()
+                await self._response.aclose()
+
+    def __del__(self) -> None:
+        # Last resort if a wrapper never closed us: the slot must not leak (the connection is
+        # reclaimed by the client library's own finalizer).
+        if not self._lease.released:
+            self._lease.release()
+
+
+async def _relay(
+    first: bytes, chunks: AsyncIterator[bytes], response: UpstreamResponse, lease: Lease
+) -> AsyncIterator[bytes]:
+    """The upstream's bytes as they arrive: no buffering, no re-framing."""
+    try:
+        yield first
+        with upstream_errors(lease.upstream.label, started=True):
+            async for chunk in chunks:
+                yield chunk
+    except UpstreamStreamBroken:
+        lease.failed()
+        raise
+    except asyncio.CancelledError as exc:
+        if timed_out(exc):
+            lease.failed()
+        raise
+    finally:
+        await response.aclose()
+        lease.release()

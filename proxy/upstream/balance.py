@@ -1,0 +1,117 @@
+"""Choosing an upstream: least outstanding requests, optionally with prefix affinity.
+
+Only upstreams that can take a request are candidates: not excluded by the caller, breaker not
+open (or due for a probe), not over the KV-cache limit when one applies, healthy unless the
+caller accepts unhealthy ones as a last resort. Among them the one with the fewest requests in
+flight wins. With affinity, a hash of the conversation's first messages picks the upstream by
+rendezvous hashing (so losing one upstream moves only its share), unless that upstream is
+clearly busier than the rest: vLLM's prefix cache then pays off without hot-spotting.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Container, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from proxy.upstream.forward import ModelRoute, Upstream
+
+# Affinity yields to least-outstanding when its choice has this many more requests in flight
+# than the least busy candidate, plus the same again as a fraction of that candidate's load.
+_SLACK = 4
+_SLACK_RATIO = 0.5
+_KEY_CHARS = 8192
+
+
+def affinity_key(body: dict[str, Any], messages: int) -> int | None:
+    """A hash of the first `messages` chat turns (or the prompt's start); None if there is none."""
+    turns = body.get("messages")
+    if isinstance(turns, list) and turns:
+        parts = []
+        for turn in turns[:messages]:
+            if isinstance(turn, dict):
+                content = turn.get("content")
+                parts.append(f"{turn.get('role')}\x1f{content if isinstance(content, str) else ''}")
+        text = "\x1e".join(parts)
+    else:
+        prompt = body.get("prompt")
+        if not isinstance(prompt, str):
+            return None
+        text = prompt
+    if not text:
+        return None
+    return zlib.crc32(text[:_KEY_CHARS].encode("utf-8", "surrogatepass"))
+
+
+class Choice:
+    """What `pick` found: the upstream, or why there is none."""
+
+    __slots__ = ("kv_blocked", "upstream")
+
+    def __init__(self) -> None:
+        self.upstream: Upstream | None = None
+        self.kv_blocked = False  # some candidate was left out only for its KV-cache usage
+
+
+def pick(
+    upstreams: Sequence[Upstream],
+    choice: Choice,
+    *,
+    skip: Container[Upstream] = (),
+    unhealthy: bool = False,
+    kv_limit: float | None = None,
+    key: int | None = None,
+) -> Upstream | None:
+    """The best candidate of `upstreams` (also stored in `choice.upstream`), or None.
+
+    `unhealthy`: consider only upstreams the monitor reports as failing (the last resort).
+    """
+    best: Upstream | None = None
+    usable: list[Upstream] | None = [] if key is not None else None
+    for u in upstreams:
+        if u in skip or (u.monitor.healthy is False) is not unhealthy or not u.breaker.allows():
+            continue
+        if kv_limit is not None:
+            kv = u.monitor.kv_cache_usage
+            if kv is not None and kv > kv_limit:
+                choice.kv_blocked = True
+                continue
+        if best is None or u.inflight < best.inflight:
+            best = u
+        if usable is not None:
+            usable.append(u)
+    if best is not None and usable is not None and key is not None and len(usable) > 1:
+        target = max(usable, key=lambda u: zlib.crc32(u.label_bytes, key))
+        if target.inflight <= best.inflight + _SLACK + best.inflight * _SLACK_RATIO:
+            best = target
+    choice.upstream = best
+    return best
+
+
+def choose(
+    chain: list[ModelRoute],
+    choice: Choice,
+    tried: list[Upstream],
+    refused: list[Upstream],
+    key: int | None,
+    kv_limit: float | None,
+) -> ModelRoute | None:
+    """The route and upstream (in `choice`) to try next, in order of preference: untried and
+    healthy, then tried and healthy (a retry), then upstreams the monitor reports as failing."""
+    skip: list[Upstream] = tried + refused if refused else tried
+    for unhealthy in (False, True):
+        for excluded in (skip, refused):
+            for route in chain:
+                if pick(
+                    route.upstreams,
+                    choice,
+                    skip=excluded,
+                    unhealthy=unhealthy,
+                    kv_limit=kv_limit,
+                    key=key,
+                ):
+                    return route
+            if not tried:
+                break
+    return None

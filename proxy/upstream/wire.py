@@ -1,0 +1,525 @@
+"""vgate's HTTP/1.1 client for the hot path: a keep-alive pool of asyncio protocols, httptools.
+
+Why our own: on one core at 16 concurrent requests, aiohttp's client machinery (request and
+response models, payload writers, stream readers, timers, tracing hooks) was a third of the
+proxy's CPU per request (py-spy, bench/README.md); httpx's own pool costs several times more.
+A proxy to a known engine needs a small subset of HTTP/1.1: POST with a Content-Length body, a
+response framed by Content-Length, chunked encoding or EOF, keep-alive. The parsing is
+httptools (llhttp, the parser uvicorn serves with); this module only moves bytes and state.
+
+It speaks the httpx subset of `proxy.upstream.client.UpstreamClient`, so respx-driven tests can put
+a
+real `httpx.AsyncClient` in its place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+from collections.abc import Mapping
+from typing import cast
+from urllib.parse import urlsplit
+
+import httptools
+
+# A streamed response whose reader (the client of the proxy) falls behind stops reading the
+# upstream socket at the high-water mark: a slow client costs at most this much memory, and the
+# engine's own flow control takes over.
+_HIGH_WATER = 256 * 1024
+# Bodies above this go out as two buffers instead of one concatenated copy.
+_CONCAT_MAX = 64 * 1024
+
+
+class WireError(Exception):
+    """The upstream connection failed; `proxy.upstream.client.upstream_errors` maps these."""
+
+
+class WireConnectError(WireError):
+    """Connecting failed: refused, unreachable, unknown host."""
+
+
+class WireConnectTimeout(WireError):
+    """No connection within the connect timeout (connecting, or waiting for a pool slot)."""
+
+
+class WireProtocolError(WireError):
+    """The upstream sent something that is not an HTTP/1.1 response."""
+
+
+class WireClosed(WireError):
+    """The connection ended before the response did."""
+
+
+class WireRequest:
+    __slots__ = ("content", "head", "pool")
+
+    def __init__(self, pool: _Pool, head: bytes, content: bytes) -> None:
+        self.pool = pool
+        self.head = head
+        self.content = content
+
+
+class WireResponse:
+    """One response: its head, then its body as it arrives (the httpx names the forwarder uses).
+
+    Iterating it yields everything buffered so far as one chunk: one write to the client per
+    wake-up, however many network reads filled it.
+    """
+
+    __slots__ = (
+        "_chunks",
+        "_conn",
+        "_done",
+        "_error",
+        "_headers",
+        "_raw_headers",
+        "_size",
+        "_waiter",
+        "status_code",
+    )
+
+    def __init__(self, conn: _Conn) -> None:
+        self._conn: _Conn | None = conn
+        self.status_code = 0
+        self._raw_headers: list[tuple[bytes, bytes]] = []
+        self._headers: dict[str, str] | None = None
+        self._chunks: collections.deque[bytes] = collections.deque()
+        self._size = 0
+        self._done = False
+        self._error: WireError | None = None
+        self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        if self._headers is None:
+            headers: dict[str, str] = {}
+            for name, value in self._raw_headers:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            self._headers = headers
+        return self._headers
+
+    # -- the reader's side ----------------------------------------------------------------
+
+    async def _wait(self) -> None:
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiter = waiter
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    async def _head(self) -> None:
+        while not self.status_code:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def aread(self) -> bytes:
+        while not self._done:
+            if self._error is not None:
+                raise self._error
+            conn = self._conn
+            if conn is not None and conn.paused:
+                conn.resume()  # the whole body is wanted: the high-water mark is for streams
+            await self._wait()
+        body = b"".join(self._chunks)
+        self._chunks.clear()
+        return body
+
+    def aiter_raw(self) -> WireResponse:
+        return self
+
+    def __aiter__(self) -> WireResponse:
+        return self
+
+    async def __anext__(self) -> bytes:
+        while not self._chunks:
+            if self._error is not None:
+                raise self._error
+            if self._done:
+                raise StopAsyncIteration
+            await self._wait()
+        chunks = self._chunks
+        chunk = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._size = 0
+        conn = self._conn
+        if conn is not None and conn.paused:
+            conn.resume()
+        return chunk
+
+    async def aclose(self) -> None:
+        # An unfinished response closes its connection: that close is what makes vLLM abort
+        # the generation. A finished one went back to the pool when its last byte arrived.
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.abandon()
+
+    # -- the connection's side ------------------------------------------------------------
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size > _HIGH_WATER and self._conn is not None:
+            self._conn.pause()
+        self._wake()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._conn = None
+        self._wake()
+
+    def _fail(self, error: WireError) -> None:
+        if not self._done:
+            self._error = error
+            self._conn = None
+            self._wake()
+
+
+class _Conn(asyncio.Protocol):
+    __slots__ = (
+        "_parser",
+        "_pool",
+        "_transport",
+        "closed",
+        "idle_since",
+        "in_use",
+        "paused",
+        "received",
+        "response",
+        "reused",
+    )
+
+    def __init__(self, pool: _Pool) -> None:
+        self._pool = pool
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self.response: WireResponse | None = None
+        self.closed = False
+        self.paused = False
+        self.in_use = False  # checked out of the pool (the pool counts these)
+        self.reused = False  # taken from the idle list at least once
+        self.received = False  # any byte of the current response arrived
+        self.idle_since = 0.0
+
+    # -- used by the pool and the response ------------------------------------------------
+
+    def start(self, head: bytes, content: bytes) -> WireResponse:
+        response = WireResponse(self)
+        transport = self._transport
+        if self.closed or transport is None:
+            response._fail(WireClosed("connection closed before the request was sent"))
+            return response
+        self.response = response
+        self.received = False
+        if len(content) <= _CONCAT_MAX:
+            transport.write(head + content)
+        else:
+            transport.writelines((head, content))
+        return response
+
+    def pause(self) -> None:
+        if not self.paused and self._transport is not None:
+            self.paused = True
+            self._transport.pause_reading()
+
+    def resume(self) -> None:
+        if self.paused and self._transport is not None and not self.closed:
+            self.paused = False
+            self._transport.resume_reading()
+
+    def abandon(self) -> None:
+        self.response = None
+        self.close()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            if self._transport is not None:
+                self._transport.close()
+            self._pool.discard(self)
+
+    # -- asyncio.Protocol -----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses, only alike.
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.response is None:
+            # Bytes nobody asked for (no request in flight): the connection is out of step.
+            self.close()
+            return
+        self.received = True
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._lost(WireProtocolError(f"malformed response: {exc}"))
+            self.close()
+
+    def eof_received(self) -> bool:
+        return False  # close our side too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        response = self.response
+        if exc is None and response is not None and response.status_code and _until_eof(response):
+            # Framed by the connection's end (neither Content-Length nor chunked).
+            self.response = None
+            response._finish()
+        else:
+            reason = f": {exc}" if exc else ""
+            self._lost(WireClosed(f"connection closed before the response ended{reason}"))
+        self.close()  # our bookkeeping; closing the lost transport again is a no-op
+
+    def _lost(self, error: WireError) -> None:
+        response = self.response
+        if response is not None:
+            self.response = None
+            response._fail(error)
+
+    # -- httptools callbacks ----------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if self.response is not None:
+            self.response._raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        response = self.response
+        if response is not None:
+            response.status_code = self._parser.get_status_code()
+            response._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.response is not None:
+            self.response._feed(body)
+
+    def on_message_complete(self) -> None:
+        response = self.response
+        if response is None:
+            return
+        if response.status_code < 200:
+            # An interim response (100 Continue): the real one follows on the same connection.
+            response.status_code = 0
+            response._raw_headers.clear()
+            response._headers = None
+            return
+        self.response = None
+        keep = self._parser.should_keep_alive()
+        response._finish()
+        if keep and not self.closed:
+            self.resume()
+            self._pool.release(self)
+        else:
+            self.close()
+
+
+def _until_eof(response: WireResponse) -> bool:
+    headers = response.headers
+    return (
+        response.status_code >= 200
+        and response.status_code not in (204, 304)
+        and "content-length" not in headers
+        and "chunked" not in headers.get("transfer-encoding", "").lower()
+    )
+
+
+class _Pool:
+    """Connections to one host:port: idle ones reused newest first, at most `limit` in use."""
+
+    def __init__(
+        self, host: str, port: int, limit: int, connect_timeout: float, expiry: float
+    ) -> None:
+        self.host = host
+        self.port = port
+        self._limit = limit
+        self._connect_timeout = connect_timeout
+        self._expiry = expiry
+        self._idle: list[_Conn] = []
+        self._busy = 0  # connections in use, and connections being opened
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def send(self, head: bytes, content: bytes) -> WireResponse:
+        conn = await self._acquire(reuse=True)
+        response = conn.start(head, content)
+        try:
+            try:
+                await response._head()
+            except WireClosed:
+                if not (conn.reused and not conn.received):
+                    raise
+                # The upstream closed an idle keep-alive connection as we reused it (its own
+                # keep-alive timer): nothing of the request was answered; once more, fresh.
+                conn = await self._acquire(reuse=False)
+                response = conn.start(head, content)
+                await response._head()
+        except BaseException:
+            # Cancelled (client gone, first-byte timeout) or failed: closing the connection is
+            # what tells the engine to stop. A response already complete left it in the pool.
+            await response.aclose()
+            raise
+        return response
+
+    async def _acquire(self, *, reuse: bool) -> _Conn:
+        loop = asyncio.get_running_loop()
+        deadline: float | None = None
+        while True:
+            if reuse:
+                conn = self._take_idle(loop.time())
+                if conn is not None:
+                    return conn
+            if self._busy < self._limit:
+                break
+            # Full: wait for a connection to come back (reused) or to close (a free slot).
+            if deadline is None:
+                deadline = loop.time() + self._connect_timeout
+            await self._wait_for_slot(loop, deadline)
+        self._busy += 1
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+        except TimeoutError:
+            self._vacate()
+            raise WireConnectTimeout(f"no connection within {self._connect_timeout:g} s") from None
+        except OSError as exc:
+            self._vacate()
+            raise WireConnectError(str(exc) or type(exc).__name__) from None
+        except BaseException:
+            self._vacate()
+            raise
+        if conn.closed:
+            self._vacate()
+            raise WireConnectError("the connection closed as soon as it opened")
+        conn.in_use = True
+        return conn
+
+    def _take_idle(self, now: float) -> _Conn | None:
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed and now - conn.idle_since < self._expiry:
+                conn.in_use = conn.reused = True
+                self._busy += 1
+                return conn
+            conn.close()
+        return None
+
+    async def _wait_for_slot(self, loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                await waiter
+        except BaseException as exc:
+            if waiter.done() and not waiter.cancelled():
+                # Woken, but leaving (cancelled, timed out): the wake-up goes to the next one.
+                self._wake_next()
+            else:
+                waiter.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(waiter)
+            if isinstance(exc, TimeoutError):
+                raise WireConnectTimeout(
+                    f"all {self._limit} connections to the upstream stayed busy for "
+                    f"{self._connect_timeout:g} s"
+                ) from None
+            raise
+
+    def _vacate(self) -> None:
+        self._busy -= 1
+        self._wake_next()
+
+    def _wake_next(self) -> None:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def release(self, conn: _Conn) -> None:
+        conn.in_use = False
+        now = conn.idle_since = asyncio.get_running_loop().time()
+        idle = self._idle
+        # Reuse is newest first, so the oldest idle connection could outlive its expiry
+        # forever under light load: each return retires it once expired.
+        if idle and now - idle[0].idle_since >= self._expiry:
+            idle[0].close()
+        idle.append(conn)
+        self._vacate()
+
+    def discard(self, conn: _Conn) -> None:
+        """A connection closed: in use, it frees its slot; idle, it leaves the idle list."""
+        if conn.in_use:
+            conn.in_use = False
+            self._vacate()
+        elif conn in self._idle:
+            self._idle.remove(conn)
+
+    def close(self) -> None:
+        for conn in self._idle[:]:
+            conn.close()
+
+
+class WireClient:
+    """`build_request`/`send`/`aclose` (httpx's names) over one pool per upstream host:port."""
+
+    def __init__(
+        self, *, max_connections: int, connect_timeout: float, keepalive_expiry: float
+    ) -> None:
+        self._limit = max_connections
+        self._connect_timeout = connect_timeout
+        self._expiry = keepalive_expiry
+        self._pools: dict[tuple[str, int], _Pool] = {}
+        # url -> (pool, request line and host header): the forwarder sends to a handful of URLs.
+        self._targets: dict[str, tuple[_Pool, str]] = {}
+
+    def _target(self, method: str, url: str) -> tuple[_Pool, str]:
+        key = f"{method} {url}"
+        target = self._targets.get(key)
+        if target is not None:
+            return target
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise WireConnectError(f"only http:// upstream URLs are supported, not {url!r}")
+        port = parts.port or 80
+        pool = self._pools.get((parts.hostname, port))
+        if pool is None:
+            pool = _Pool(parts.hostname, port, self._limit, self._connect_timeout, self._expiry)
+            self._pools[(parts.hostname, port)] = pool
+        path = parts.path or "/"
+        if parts.query:
+            path = f"{path}?{parts.query}"
+        target = (pool, f"{method} {path} HTTP/1.1\r\nhost: {parts.netloc}\r\n")
+        if len(self._targets) < 4096:
+            self._targets[key] = target
+        return target
+
+    def build_request(
+        self, method: str, url: str, *, content: bytes, headers: dict[str, str]
+    ) -> WireRequest:
+        pool, start = self._target(method, url)
+        lines = [start, f"content-length: {len(content)}\r\n"]
+        for name, value in headers.items():
+            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
+                raise ValueError(f"line break in outbound header {name!r}")
+            lines.append(f"{name}: {value}\r\n")
+        lines.append("\r\n")
+        return WireRequest(pool, "".join(lines).encode("latin-1"), content)
+
+    async def send(self, request: object, *, stream: bool = True) -> WireResponse:
+        assert isinstance(request, WireRequest)
+        return await request.pool.send(request.head, request.content)
+
+    async def aclose(self) -> None:
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
+        self._targets.clear()
