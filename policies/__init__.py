@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
+
+from starlette.datastructures import Headers
 
 from policies.auth import AuthPolicy
 from policies.ratelimit import RateLimitPolicy
+from policies.services import Services
 from policies.truncate import TruncatePolicy
 from proxy.core.binder import Binder, ConfigError
-
-if TYPE_CHECKING:
-    from starlette.datastructures import Headers
-
-    from proxy.core.config import Config
-    from proxy.core.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse
-    from proxy.runtime.runtime import Services
+from proxy.core.config import Config
+from proxy.core.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse
 
 
 class PolicyClass(Protocol):
@@ -68,11 +66,19 @@ def settings_for(config: Config, name: str, model: str | None, binder: Binder) -
     return binder.bind(REGISTRY[name].settings_class, data, key)
 
 
-def build_policies(config: Config, model: str | None, services: Services) -> list[Policy]:
+def build_policies(
+    config: Config,
+    model: str | None,
+    services: Services,
+    only: frozenset[str] | None = None,
+) -> list[Policy]:
     """The model's pipeline, in the declared order (global policies first; only those when
-    `model` is None). The config has been validated by `validate`."""
+    `model` is None), keeping only the policies named in `only` when it is given (those that
+    apply to a route family). The config has been validated by `validate`."""
     policies: list[Policy] = []
     for name in _names(config, model):
+        if only is not None and name not in only:
+            continue
         binder = Binder()
         settings = settings_for(config, name, model, binder)
         if settings is None:

@@ -17,18 +17,16 @@ import hashlib
 import re
 import secrets
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
+
+from starlette.datastructures import Headers
 
 from policies.quotas import Limits
+from policies.services import Services
 from proxy.core.binder import check
+from proxy.core.config import Config
 from proxy.core.errors import AuthenticationFailed, ModelNotFound
 from proxy.core.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
-
-if TYPE_CHECKING:
-    from starlette.datastructures import Headers
-
-    from proxy.core.config import Config
-    from proxy.runtime.runtime import Services
 
 KEY_PREFIX = "vg-"
 # Names end up in logs, metrics and rate-limit storage keys: keep them plain.

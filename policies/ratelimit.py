@@ -15,20 +15,17 @@ import math
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 from policies.auth import AuthSettings
 from policies.buckets import Bucket, Charge, Decision, MemoryStorage, Storage
 from policies.buckets import StorageUnavailable as StorageUnavailable
 from policies.quotas import Limits
-from policies.text import estimate_tokens
+from policies.services import Services
 from proxy.core.binder import Binder, check, positive
+from proxy.core.config import Config
 from proxy.core.errors import RateLimited, VgateError
 from proxy.core.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse
-
-if TYPE_CHECKING:
-    from proxy.core.config import Config
-    from proxy.runtime.runtime import Services
 
 log = logging.getLogger("vgate.ratelimit")
 
@@ -89,7 +86,7 @@ class RateLimitPolicy:
             return await call_next(request)
         reserved = 0
         if tokens:
-            prompt = request.outcome.get("prompt_tokens") or estimate_tokens(request.body)
+            prompt = request.outcome.prompt_tokens or request.api.prompt_estimate(request.body)
             reserved = prompt + (request.max_tokens or self._settings.default_max_tokens)
         charges: list[Charge] = [(b, reserved if b.tokens else 1) for b in buckets]
         decision = await self._charge(charges)
@@ -103,9 +100,7 @@ class RateLimitPolicy:
                 for (b, cost), u in zip(charges, decision.used, strict=True)
                 if b.remaining(u) < cost
             ]
-            request.outcome["rate_limited"] = (
-                "tokens" if any(b.tokens for b in short) else "requests"
-            )
+            request.outcome.rate_limited = "tokens" if any(b.tokens for b in short) else "requests"
             raise RateLimited(
                 _message(charges, decision, never), headers=_refusal(headers, decision, never)
             )
@@ -184,9 +179,7 @@ class RateLimitPolicy:
 
 
 def _used(request: ProxyRequest) -> int | None:
-    usage = request.usage
-    total = usage.get("total_tokens") if usage else None
-    return total if isinstance(total, int) and not isinstance(total, bool) else None
+    return request.usage.total_tokens if request.usage is not None else None
 
 
 def _shared_storage(settings: RateLimitSettings, services: Services) -> Storage:

@@ -20,20 +20,19 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
+
+import httpx
 
 from engine.client import tokens
-from policies.text import chat_bytes, utf8_len
+from policies.services import Services
+from proxy.api.text import chat_bytes, utf8_len
 from proxy.core.binder import check, non_negative, positive
+from proxy.core.config import Config
 from proxy.core.errors import ContextLengthExceeded, UpstreamError
 from proxy.core.pipeline import Handler, ProxyRequest, ProxyResponse
-from proxy.upstream.forward import ModelRoute, Upstream
-
-if TYPE_CHECKING:
-    import httpx
-
-    from proxy.core.config import Config
-    from proxy.runtime.runtime import Services
+from proxy.upstream.balance import least_busy
+from proxy.upstream.model import ModelRoute, Upstream
 
 log = logging.getLogger("vgate.truncate")
 Message = dict[str, Any]
@@ -56,10 +55,10 @@ class TruncateSettings:
 class _Counter:
     """Exact counts for one request from one upstream (tools and template kwargs included)."""
 
-    def __init__(
-        self, client: httpx.AsyncClient, upstream: Upstream, body: Message, api_key: str | None
-    ) -> None:
-        self.client, self.upstream, self.api_key = client, upstream, api_key
+    def __init__(self, client: httpx.AsyncClient, upstream: Upstream, body: Message) -> None:
+        self.client, self.upstream = client, upstream
+        # The key of the engine that counts: each upstream has its own (proxy.runtime).
+        self.api_key = upstream.api_key
         self.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
         kwargs = body.get("chat_template_kwargs")
         self.kwargs = kwargs if isinstance(kwargs, dict) else None
@@ -103,7 +102,6 @@ class TruncatePolicy:
         self._s = settings
         self._route: ModelRoute | None = services.routes.get(model) if model else None
         self._client = services.client
-        self._api_key = services.config.upstream.api_key
         # Tokens of the template around an empty conversation ("chat") or prompt ("prompt"),
         # measured once; a model's upstreams serve the same model and template.
         self._fixed: dict[str, int] = {}
@@ -126,12 +124,11 @@ class TruncatePolicy:
             except UpstreamError as exc:
                 # Cannot count: the engine decides (its own 400 is better than a guess).
                 log.info("request %s not checked for length: %s", request.request_id, exc.message)
-                request.outcome["truncate"] = "not_counted"
+                request.outcome.truncate = "not_counted"
         return await call_next(request)
 
     def _window(self, route: ModelRoute) -> int | None:
-        known = [u.monitor.max_model_len for u in route.upstreams if u.monitor.max_model_len]
-        engine = min(known) if known else self._learned
+        engine = route.window() or self._learned
         mine = self._s.max_model_len
         return min(engine, mine) if engine and mine else engine or mine
 
@@ -158,7 +155,7 @@ class TruncatePolicy:
             size = chat_bytes(messages, s.per_message_overhead)
             if size is not None and size + fixed + need + s.margin <= window:
                 return
-        counter = _Counter(self._client, route.pick(), request.body, self._api_key)
+        counter = _Counter(self._client, least_busy(route), request.body)
         total = await counter.chat(messages, s.tokenize_timeout)
         window = window or self._learn(counter.window)
         if fixed is None:
@@ -217,8 +214,8 @@ class TruncatePolicy:
                 lo = mid + 1
         gone = {i for unit in units[:lo] for i in unit}
         request.body["messages"] = kept = [m for i, m in enumerate(messages) if i not in gone]
-        request.outcome["truncated"] = len(gone)
-        request.outcome["tokenize_calls"] = counter.calls
+        request.outcome.truncated = len(gone)
+        request.outcome.tokenize_calls = counter.calls
         request.response_headers["x-vgate-truncated"] = str(len(gone))
         return kept, counts[lo]
 
@@ -240,7 +237,7 @@ class TruncatePolicy:
                 and utf8_len(prompt) + fixed + s.per_message_overhead + need + s.margin <= window
             ):
                 return
-            counter = _Counter(self._client, route.pick(), request.body, self._api_key)
+            counter = _Counter(self._client, least_busy(route), request.body)
             total = await counter.prompt(prompt, s.tokenize_timeout)
             window = window or self._learn(counter.window)
             if fixed is None:
@@ -255,7 +252,7 @@ class TruncatePolicy:
         self._finish(request, total, need, room)
 
     def _finish(self, request: ProxyRequest, total: int, need: int, room: int) -> None:
-        request.outcome["prompt_tokens"] = total
+        request.outcome.prompt_tokens = total
         if total + need > room:
             # Only reachable with clamp_max_tokens: the output gets what is left.
             clamped = room - total
@@ -263,7 +260,7 @@ class TruncatePolicy:
                 "max_completion_tokens" if "max_completion_tokens" in request.body else "max_tokens"
             )
             request.body[field] = clamped
-            request.outcome["max_tokens_clamped"] = clamped
+            request.outcome.max_tokens_clamped = clamped
             request.response_headers["x-vgate-max-tokens-clamped"] = str(clamped)
 
 

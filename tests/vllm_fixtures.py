@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from engine import devmodel, launch, procs
-from proxy.core.engines import EngineConfig
+from proxy.core.config import EngineConfig
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINE_PYTHON = Path(

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
 
 import httpx
 
@@ -39,7 +38,6 @@ class EngineMonitor:
         metrics_interval: float = 2.0,
         probe_timeout: float = 5.0,
         api_key: str | None = None,
-        on_health_change: Callable[[EngineMonitor], None] | None = None,
     ) -> None:
         self.client = client
         self.base_url = base_url.rstrip("/")
@@ -48,11 +46,9 @@ class EngineMonitor:
         self.metrics_interval = metrics_interval
         self.probe_timeout = probe_timeout
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._on_health_change = on_health_change
 
         self.healthy: bool | None = None  # None: not probed yet
         self.last_error: str | None = None  # why the last health round failed
-        self.checked_at: float | None = None  # time.monotonic() of the last health round
         self.max_model_len: int | None = None
         self.kv_cache_usage: float | None = None  # 0..1
         self.running: float | None = None
@@ -132,7 +128,6 @@ class EngineMonitor:
         was = self.healthy
         self.healthy = error is None
         self.last_error = error
-        self.checked_at = time.monotonic()
         if not self.healthy:
             # A restarted engine may come back with a different window.
             self.max_model_len = None
@@ -141,8 +136,6 @@ class EngineMonitor:
                 log.info("engine %s is healthy", self.base_url)
             else:
                 log.warning("engine %s is unhealthy: %s", self.base_url, error)
-            if self._on_health_change is not None:
-                self._on_health_change(self)
 
 
 def _describe(exc: Exception) -> str:

@@ -13,7 +13,7 @@ from typing import Any
 import httpx
 
 from proxy.core.errors import UpstreamError
-from proxy.upstream.client import upstream_errors
+from proxy.core.transport import upstream_errors
 
 
 @dataclass(frozen=True)

@@ -7,9 +7,10 @@ import asyncio
 import sys
 import time
 
-from proxy.core import config as config_module
+from engine import launch
 from proxy.core.binder import ConfigError
 from proxy.core.config import Config
+from proxy.runtime import load
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -39,8 +40,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.set_defaults(func=_up)
 
 
-def _engine(args: argparse.Namespace) -> tuple[Config, str]:
-    cfg = config_module.load(args.config)
+def engine_config(args: argparse.Namespace) -> tuple[Config, str]:
+    """The loaded config and the engine `args.name` names in it (ConfigError if none)."""
+    cfg = load.load(args.config)
     if args.name not in cfg.engines:
         known = ", ".join(sorted(cfg.engines)) or "none"
         raise ConfigError(args.config, [f"engines.{args.name}: no such engine (known: {known})"])
@@ -48,17 +50,13 @@ def _engine(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def _engine_args(args: argparse.Namespace) -> int:
-    from engine import launch
-
-    cfg, name = _engine(args)
+    cfg, name = engine_config(args)
     print(launch.build(name, cfg.engines[name]).shell())
     return 0
 
 
 def _engine_run(args: argparse.Namespace) -> int:
-    from engine import launch
-
-    cfg, name = _engine(args)
+    cfg, name = engine_config(args)
     sys.stdout.flush()
     launch.exec_engine(launch.build(name, cfg.engines[name]))
     return 1  # not reached: exec replaced this process

@@ -6,22 +6,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy.core import config as config_module
+from proxy.cli import engine, keys, systemd
 from proxy.core.binder import ConfigError
+from proxy.runtime import load
 
 
 def _serve(args: argparse.Namespace) -> int:
+    # Imported here: uvicorn and the app are not needed by the other commands.
     from proxy.ops.server import serve
 
-    serve(config_module.load(args.config), args.config)
+    serve(load.load(args.config), args.config)
     return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from proxy.ops.server import _has_auth, check_bind
-
-    cfg = config_module.load(args.config)
-    check_bind(cfg, authenticated=_has_auth(cfg))
+    cfg = load.load(args.config)
     print(f"{args.config}: OK ({len(cfg.models)} models, {len(cfg.engines)} engines)")
     return 0
 
@@ -35,15 +34,8 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and print every problem")
     c.add_argument("config", help="TOML config file")
     c.set_defaults(func=_check_config)
-    from proxy.cli.engine import register as register_engine
-
-    register_engine(sub)
-    from proxy.cli.systemd import register as register_systemd
-
-    register_systemd(sub)
-    from proxy.cli.keys import register as register_policies
-
-    register_policies(sub)
+    for module in (engine, systemd, keys):
+        module.register(sub)
     return p
 
 

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from proxy.cli.engine import engine_config
 from proxy.ops.installer import Installer, InstallError, Layout
 
 
@@ -74,9 +75,8 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 def _wait_healthy(args: argparse.Namespace) -> int:
     from engine.launch import base_url
-    from proxy.cli.engine import _engine
 
-    cfg, name = _engine(args)
+    cfg, name = engine_config(args)
     url = base_url(cfg.engines[name]) + "/health"
     ok = wait_healthy(url, args.timeout)
     if not ok:

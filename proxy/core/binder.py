@@ -108,6 +108,11 @@ class Binder:
             rest = [o for o in options if o is not type(None)]
             if len(rest) == 1:
                 return self.value(rest[0], v, key)
+            if isinstance(v, dict):
+                # A table can only be the table option: its own problems are the precise ones.
+                tables = [o for o in rest if dataclasses.is_dataclass(o)]
+                if len(tables) == 1:
+                    return self.value(tables[0], v, key)
             for o in rest:
                 trial = Binder()
                 out = trial.value(o, v, key)

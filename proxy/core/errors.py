@@ -21,17 +21,14 @@
         ├── CircuitOpen             503 code=upstream_circuit_open (+ Retry-After; not tried)
         └── UpstreamStreamBroken    502 code=upstream_stream_broken (after the first byte)
 
-Every error a client can see is one of these; `error_body` and `error_response` turn them into
-bytes, and `sse_error_event` into the terminal event of a stream that already started.
+Every error a client can see is one of these. How one looks on the wire (an OpenAI or an
+Anthropic body, or the terminal event of a stream that already started) is decided in one
+place: proxy.http.writer.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
-
-import orjson
-from starlette.responses import Response
 
 
 class VgateError(Exception):
@@ -53,16 +50,6 @@ class VgateError(Exception):
         if code is not None:
             self.code = code
         self.headers: dict[str, str] = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 class InvalidRequest(VgateError):
@@ -172,22 +159,3 @@ class CircuitOpen(UpstreamError):
 
 class UpstreamStreamBroken(UpstreamError):
     code = "upstream_stream_broken"
-
-
-def error_body(exc: VgateError) -> bytes:
-    return orjson.dumps(exc.body())
-
-
-def error_response(exc: VgateError) -> Response:
-    """The only place an exception becomes an HTTP response."""
-    return Response(
-        error_body(exc),
-        status_code=exc.status,
-        headers=exc.headers,
-        media_type="application/json",
-    )
-
-
-def sse_error_event(exc: VgateError) -> bytes:
-    """Terminal event for a stream whose headers are already sent: the OpenAI SDK raises on it."""
-    return b"data: " + error_body(exc) + b"\n\n"

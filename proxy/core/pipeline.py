@@ -3,18 +3,34 @@
 A policy is one small class with one async method, `__call__(request, call_next)`, composed
 around the forwarding handler the way Starlette composes middleware: it can rewrite or reject the
 request before `call_next`, and inspect or wrap the response after it. Streams stay raw bytes; a
-policy that needs events wraps `response.stream` itself (see `proxy.upstream.sse`), so no event is
-parsed
-unless some policy asks for it.
+policy that needs events wraps `response.stream` itself, so no event is parsed unless some policy
+asks for it.
+
+What stages did travels in typed records: `Outcome` (named fields, plus `extra` for third-party
+stages) and `Usage` (the engine's token counts, whatever the route's own usage shape).
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from starlette.datastructures import Headers
+
+from proxy.core.api import Api, Usage
+
+__all__ = [
+    "Handler",
+    "KeyInfo",
+    "Outcome",
+    "Policy",
+    "ProxyRequest",
+    "ProxyResponse",
+    "RequestHeaders",
+    "Usage",
+    "chain",
+]
 
 
 class RequestHeaders(Headers):
@@ -42,28 +58,75 @@ class KeyInfo:
     priority: int = 0
 
 
+# Values a stage may report in `Outcome.extra`: names and numbers only (they reach logs).
+Reported = str | int | float | bool | None
+
+
+class Outcome:
+    """What the stages of one request did, for its log line and metrics.
+
+    Each field has one writer; readers never depend on the order stages ran in beyond what the
+    field says. Third-party policies report with `report(name, value)` (written on the log
+    line). The defaults live on the class: a request's record holds only what some stage wrote,
+    so making one costs nothing on the hot path.
+    """
+
+    rate_limited: str | None = None  # ratelimit: which limit refused ("requests" | "tokens")
+    shed: str | None = None  # admission: why it was refused ("queue_full", "kv_cache", ...)
+    retries: int = 0  # forwarder: extra upstream attempts before the first byte
+    fallback: str | None = None  # forwarder/fallback: why it left its model ("timeout", ...)
+    breaker: str | None = None  # forwarder: "open" when every upstream's breaker refused
+    queue_wait: float | None = None  # admission: seconds waited for an upstream slot
+    prompt_tokens: int | None = None  # truncate: the exact prompt count (ratelimit reserves it)
+    truncated: int = 0  # truncate: messages dropped to fit the window
+    tokenize_calls: int = 0  # truncate: /tokenize calls made
+    max_tokens_clamped: int | None = None  # truncate: the lowered max_tokens
+    truncate: str | None = None  # truncate: "not_counted" when /tokenize failed
+    extra: dict[str, Reported] | None = None  # what `report` was given
+
+    def report(self, name: str, value: Reported) -> None:
+        """A third-party stage's own finding (a short name or a number), for the log line."""
+        if self.extra is None:
+            self.extra = {}
+        self.extra[name] = value
+
+    def reported(self) -> dict[str, Reported]:
+        """The fields that say something (not at their default), then `extra`."""
+        out: dict[str, Reported] = {
+            name: value for name, value in vars(self).items() if name != "extra" and value
+        }
+        for name, value in (self.extra or {}).items():
+            out.setdefault(name, value)
+        return out
+
+
 @dataclass(slots=True)
 class ProxyRequest:
-    route: str  # "chat/completions" | "completions"
+    api: Api  # the route family: its name, body shape, usage shape, stream framing
     model: str  # the name the client sent
     body: dict[str, Any]  # parsed JSON; policies may rewrite it
     headers: Headers  # the client's headers (read-only)
     request_id: str
     stream: bool
     key: KeyInfo | None = None
+    # Path parameters of the route (`{"id": ...}` for /v1/responses/{id}).
+    params: Mapping[str, str] = field(default_factory=dict)
     # Extra headers the client gets on success and on error (x-vgate-*, x-ratelimit-*).
     response_headers: dict[str, str] = field(default_factory=dict)
     # Set by the forwarding layer: which upstream and model served the request.
     served_by: str | None = None
-    # The upstream's usage object (streams included: the proxy always asks for it).
-    usage: dict[str, Any] | None = None
-    # What policies did, for the request's log line and metrics ("truncated": 3, ...).
-    outcome: dict[str, Any] = field(default_factory=dict)
+    # The engine's token counts (streams included: the proxy always asks for them).
+    usage: Usage | None = None
+    outcome: Outcome = field(default_factory=Outcome)
+
+    @property
+    def route(self) -> str:
+        """The route family's name ("chat/completions", ...): the metrics label."""
+        return self.api.name
 
     @property
     def max_tokens(self) -> int | None:
-        value = self.body.get("max_completion_tokens", self.body.get("max_tokens"))
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
+        return self.api.max_tokens(self.body)
 
 
 @dataclass(slots=True)

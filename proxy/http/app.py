@@ -1,54 +1,55 @@
-"""The Starlette application: routes, error mapping and the lifespan that owns the clients."""
+"""The application: the route table served by the dispatcher, and the lifespan that owns the
+clients, the runtime and the admin listener."""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 
 import httpx
-import orjson
-from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
 
 from proxy.core.config import Config
-from proxy.core.errors import MethodNotAllowed, NotFound, VgateError, error_response
-from proxy.http.endpoints import INTERNAL_ERROR, CompletionEndpoint
+from proxy.core.errors import VgateError
+from proxy.http.dispatch import Dispatcher, Handler
+from proxy.http.endpoint import INTERNAL_ERROR, ProxyEndpoint
+from proxy.http.hooks import hooks
+from proxy.http.ids import RequestIds
+from proxy.http.local import LocalRoutes
+from proxy.http.routes import ROUTES, LocalHandler, Route, families
+from proxy.http.writer import send_error
+from proxy.runtime.holder import RuntimeHolder
 from proxy.runtime.runtime import Runtime
 from proxy.telemetry.admin import AdminServer
 from proxy.telemetry.metrics import ProxyMetrics
 from proxy.telemetry.observe import Observer
 from proxy.upstream.client import make_client, make_control_client
 
-
-class RuntimeHolder:
-    """The current Runtime; swapped whole on reload so a request sees one consistent config."""
-
-    def __init__(self) -> None:
-        self._runtime: Runtime | None = None
-
-    def __call__(self) -> Runtime:
-        if self._runtime is None:
-            raise RuntimeError("the application has not started")
-        return self._runtime
-
-    def set(self, runtime: Runtime | None) -> None:
-        self._runtime = runtime
-
-    def peek(self) -> Runtime | None:
-        """The current Runtime, or None outside the app's lifetime (for metrics scrapes)."""
-        return self._runtime
+log = logging.getLogger("vgate.http")
 
 
-def _json(data: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(data), status_code=status, media_type="application/json")
+@dataclass
+class AppState:
+    """What the server and tests reach of a running app."""
+
+    runtime: RuntimeHolder
+    metrics: ProxyMetrics
+    admin: AdminServer | None
 
 
-def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+class App(Dispatcher):
+    """The ASGI app `vgate serve` runs: the dispatcher over `proxy.http.routes.ROUTES`, and
+    what the server and tests reach of it (`state`). A subclass, not a wrapper: no extra call
+    per request."""
+
+    state: AppState
+
+
+def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> App:
     """Build the app; `transport` lets tests put a respx router or a fake under the client."""
     holder = RuntimeHolder()
     # Metrics belong to the app, not the Runtime: counters survive a config reload.
@@ -59,13 +60,15 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
         if config.admin.enabled
         else None
     )
-    started = int(time.time())
+    local = LocalRoutes(holder, int(time.time()))
+    ids = RequestIds()
+    apis = families(ROUTES)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan() -> AsyncIterator[None]:
         client = make_control_client(config.upstream, transport)
         upstream_client = make_client(config.upstream, transport)
-        runtime = Runtime(config, client, upstream_client)
+        runtime = Runtime(config, client, upstream_client, apis)
         await runtime.start()
         holder.set(runtime)
         if admin is not None:
@@ -81,81 +84,28 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
             await upstream_client.aclose()
             await client.aclose()
 
-    async def models(request: Request) -> Response:
-        rt = holder()
-        # Behind auth, the list is the caller's: a key sees only the models it may use.
-        key = rt.authenticate(request.headers) if rt.authenticate is not None else None
-        allowed = key.allowed_models if key is not None else None
-        data = []
-        for name, route in rt.routes.items():
-            if allowed is not None and name not in allowed:
-                continue
-            entry: dict[str, Any] = {
-                "id": name,
-                "object": "model",
-                "created": started,
-                "owned_by": "vgate",
-            }
-            lengths = [u.monitor.max_model_len for u in route.upstreams if u.monitor.max_model_len]
-            if lengths:
-                entry["max_model_len"] = min(lengths)
-            data.append(entry)
-        return _json({"object": "list", "data": data})
+    def handler_for(route: Route) -> Handler:
+        if route.api is not None:
+            return ProxyEndpoint(route.api, holder, observer, ids)
+        assert route.local is not None
+        return _local(route.local, local)
 
-    async def health(request: Request) -> Response:
-        return _json({"status": "ok"})
-
-    async def ready(request: Request) -> Response:
-        rt = holder()
-        problems = rt.readiness()
-        # Health, breaker state and load per upstream, in both answers (proxy.runtime.runtime).
-        upstreams = rt.upstream_states()
-        if problems:
-            return _json({"status": "not ready", "models": problems, "upstreams": upstreams}, 503)
-        return _json({"status": "ready", "upstreams": upstreams})
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
-        if exc.status_code == 405:
-            return error_response(
-                MethodNotAllowed(
-                    f"Method {request.method} is not allowed on {request.url.path}.",
-                    headers=exc.headers,
-                )
-            )
-        return error_response(NotFound(f"Unknown path: {request.method} {request.url.path}."))
-
-    async def vgate_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, VgateError)
-        return error_response(exc)
-
-    async def server_error(request: Request, exc: Exception) -> Response:
-        # Starlette's ServerErrorMiddleware calls this for any unhandled exception (it logs
-        # and re-raises it afterwards): an OpenAI-shaped 500 instead of plain text.
-        return error_response(INTERNAL_ERROR)
-
-    completions = {
-        "/v1/chat/completions": CompletionEndpoint("chat/completions", holder, observer),
-        "/v1/completions": CompletionEndpoint("completions", holder, observer),
-    }
-    routes = [
-        *(Route(path, endpoint, methods=["POST"]) for path, endpoint in completions.items()),
-        Route("/v1/models", models, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/ready", ready, methods=["GET"]),
-    ]
-    app = Starlette(
-        routes=routes,
-        lifespan=lifespan,
-        exception_handlers={
-            HTTPException: http_error,
-            VgateError: vgate_error,
-            Exception: server_error,
-        },
-    )
-    app.router.redirect_slashes = False
-    app.state.runtime = holder
-    app.state.completions = completions
-    app.state.metrics = metrics
-    app.state.admin = admin
+    app = App(ROUTES, handler_for, lifespan)
+    app.state = AppState(holder, metrics, admin)
     return app
+
+
+def _local(handler: LocalHandler, local: LocalRoutes) -> Handler:
+    async def serve(scope: Scope, receive: Receive, send: Send, params: Mapping[str, str]) -> None:
+        try:
+            response = await handler(local, Request(scope, receive))
+        except VgateError as exc:
+            await send_error(send, hooks(scope), exc)
+            return
+        except Exception:
+            log.exception("unexpected error answering %s", scope["path"])
+            await send_error(send, hooks(scope), INTERNAL_ERROR)
+            return
+        await response(scope, receive, send)
+
+    return serve

@@ -1,4 +1,4 @@
-"""Reading and checking a request body before anything goes upstream."""
+"""Reading a request body, bounded, and parsing it as a JSON object (the family checks the rest)."""
 
 from __future__ import annotations
 
@@ -53,48 +53,3 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InvalidRequest("Request body must be a JSON object.")
     return data
-
-
-def check_completion_request(
-    route: str, data: dict[str, Any], *, max_n: int, max_messages: int
-) -> tuple[str, bool]:
-    """Check the fields the proxy relies on; returns (model, stream). Extras pass untouched."""
-    model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("you must provide a model parameter", param="model")
-    if route == "chat/completions":
-        messages = data.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise InvalidRequest("'messages' must be a non-empty array", param="messages")
-        if len(messages) > max_messages:
-            raise InvalidRequest(
-                f"'messages' has {len(messages)} items; the limit is {max_messages}",
-                param="messages",
-            )
-        for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-                raise InvalidRequest(
-                    f"messages[{i}] must be an object with a 'role'", param=f"messages.[{i}]"
-                )
-    else:
-        prompt = data.get("prompt")
-        if not isinstance(prompt, str | list) or (isinstance(prompt, list) and not prompt):
-            raise InvalidRequest("'prompt' must be a string or a non-empty array", param="prompt")
-    stream = data.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    for name in ("max_tokens", "max_completion_tokens"):
-        value = data.get(name)
-        if value is not None and (
-            not isinstance(value, int) or isinstance(value, bool) or value < 1
-        ):
-            raise InvalidRequest(f"'{name}' must be a positive integer", param=name)
-    n = data.get("n")
-    if n is not None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-            raise InvalidRequest("'n' must be a positive integer", param="n")
-        if n > max_n:
-            raise InvalidRequest(f"'n' is {n}; this server allows at most {max_n}", param="n")
-    return model, stream

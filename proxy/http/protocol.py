@@ -34,7 +34,7 @@ from typing import Any, ClassVar
 import httptools
 from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config as UvicornConfig
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from proxy.core.config import ServerConfig
@@ -44,9 +44,9 @@ from proxy.core.errors import (
     Overloaded,
     RequestTimeout,
     VgateError,
-    error_body,
 )
 from proxy.http.hooks import SCOPE_KEY
+from proxy.http.writer import raw_response, send_error
 
 log = logging.getLogger("vgate.http")
 
@@ -91,21 +91,11 @@ def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
 
 
 async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
-    exc = Overloaded("The server is at its connection limit; retry shortly.")
-    body = error_body(exc)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": exc.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"retry-after", b"1"),
-                (b"connection", b"close"),
-            ],
-        }
+    exc = Overloaded(
+        "The server is at its connection limit; retry shortly.",
+        headers={"retry-after": "1", "connection": "close"},
     )
-    await send({"type": "http.response.body", "body": body})
+    await send_error(send, None, exc)
 
 
 def _nothing() -> None:
@@ -339,15 +329,5 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _write_error(self, exc: VgateError) -> None:
-        if self.transport.is_closing():
-            return
-        body = error_body(exc)
-        head = [
-            STATUS_LINE[exc.status],
-            b"content-type: application/json\r\n",
-            b"content-length: %d\r\n" % len(body),
-            b"connection: close\r\n",
-        ]
-        head += [b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in exc.headers.items()]
-        head.append(b"\r\n")
-        self.transport.write(b"".join(head) + body)
+        if not self.transport.is_closing():
+            self.transport.write(raw_response(exc))

@@ -69,7 +69,7 @@ class Layout:
 
 def source_tree() -> Path:
     """The source tree this vgate runs from (an editable install or a checkout)."""
-    return Path(__file__).resolve().parent.parent
+    return Path(__file__).resolve().parents[2]
 
 
 def render(template: str, layout: Layout) -> str:

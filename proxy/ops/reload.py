@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from proxy.core import config as config_module
 from proxy.core.binder import ConfigError
 from proxy.core.config import Config
-from proxy.http.app import RuntimeHolder
+from proxy.runtime import load
+from proxy.runtime.holder import RuntimeHolder
 from proxy.runtime.runtime import Runtime
 
 log = logging.getLogger("vgate.reload")
@@ -58,15 +57,9 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 class Reloader:
     """Reloads the config file at `path` into `holder`; one reload at a time."""
 
-    def __init__(
-        self,
-        holder: RuntimeHolder,
-        path: str,
-        validate: Callable[[Config], None] = lambda cfg: None,
-    ) -> None:
+    def __init__(self, holder: RuntimeHolder, path: str) -> None:
         self.holder = holder
-        self.path = path
-        self.validate = validate  # extra checks the server applies at start (e.g. the bind)
+        self.path = path  # loaded through proxy.runtime.load: the checks `serve` applies
         self._lock = asyncio.Lock()
 
     async def reload(self) -> Outcome:
@@ -76,9 +69,8 @@ class Reloader:
     async def _reload(self) -> Outcome:
         old = self.holder()
         try:
-            new_config = config_module.load(self.path)
-            self.validate(new_config)
-            runtime = Runtime(new_config, old.client, old.upstream_client)
+            new_config = load.load(self.path)
+            runtime = Runtime(new_config, old.client, old.upstream_client, old.apis)
         except ConfigError as exc:
             log.error(
                 "reload refused, the running config is kept: %s: %s",

@@ -49,10 +49,6 @@ class Notifier:
         self._sock: socket.socket | None = None
         self._warned = False
 
-    @property
-    def enabled(self) -> bool:
-        return self._address is not None
-
     def notify(self, *fields: str) -> bool:
         """Send `fields` (e.g. "READY=1", "STATUS=...") in one datagram; False if not delivered."""
         if self._address is None:
@@ -72,9 +68,6 @@ class Notifier:
 
     def ready(self, status: str) -> bool:
         return self.notify("READY=1", f"STATUS={status}")
-
-    def status(self, status: str) -> bool:
-        return self.notify(f"STATUS={status}")
 
     def reloading(self) -> bool:
         # MONOTONIC_USEC lets systemd >= 253 (Type=notify-reload) match the reload it asked for.

@@ -20,16 +20,14 @@ from collections.abc import Coroutine
 from typing import Any
 
 import uvicorn
-from starlette.applications import Starlette
 
-from proxy.core.binder import ConfigError
-from proxy.core.config import Config, is_loopback
-from proxy.http.app import RuntimeHolder, create_app
-from proxy.http.endpoints import HotPaths
+from proxy.core.config import Config
+from proxy.http.app import App, create_app
 from proxy.http.guard import SHUTDOWN
 from proxy.http.protocol import protocol_class
 from proxy.ops.reload import Outcome, Reloader
 from proxy.ops.sdnotify import Notifier
+from proxy.runtime.holder import RuntimeHolder
 from proxy.telemetry.logs import dict_config
 
 log = logging.getLogger("vgate.server")
@@ -39,31 +37,16 @@ log = logging.getLogger("vgate.server")
 CANCEL_GRACE = 2.0
 
 
-def check_bind(config: Config, authenticated: bool) -> None:
-    """A public listener without authentication is refused unless the config says so."""
-    host = config.server.host
-    if is_loopback(host) or authenticated or config.server.allow_unauthenticated:
-        return
-    raise ConfigError(
-        config.source,
-        [
-            f"server.host: {host!r} is not a loopback address and no authentication is "
-            "configured; add the auth policy or set server.allow_unauthenticated = true"
-        ],
-    )
-
-
-def uvicorn_config(config: Config, app: Starlette | None = None) -> uvicorn.Config:
+def uvicorn_config(config: Config, app: App | None = None) -> uvicorn.Config:
     server = config.server
     app = create_app(config) if app is None else app
-    metrics = getattr(app.state, "metrics", None)
     return uvicorn.Config(
-        HotPaths(app, app.state.completions),
+        app,
         host=server.host,
         port=server.port,
         loop="uvloop",
         # httptools with head/body timeouts and head limits (proxy.http.protocol); no websockets.
-        http=protocol_class(server, metrics.refused if metrics is not None else None),
+        http=protocol_class(server, app.state.metrics.refused),
         ws="none",
         lifespan="on",
         access_log=False,  # one structured line per request comes from vgate itself
@@ -92,11 +75,7 @@ class VgateServer(uvicorn.Server):
         super().__init__(uvicorn_config(config, app))
         self.notifier = notifier if notifier is not None else Notifier()
         self.holder: RuntimeHolder = app.state.runtime
-        self.reloader = (
-            Reloader(self.holder, path, validate=lambda c: check_bind(c, _has_auth(c)))
-            if path
-            else None
-        )
+        self.reloader = Reloader(self.holder, path) if path else None
         self._background: set[asyncio.Task[Any]] = set()
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -187,13 +166,10 @@ class VgateServer(uvicorn.Server):
 
 
 def serve(config: Config, path: str | None = None) -> None:
-    """Run the proxy until SIGTERM/SIGINT; `path` is the config file SIGHUP reloads."""
-    check_bind(config, authenticated=_has_auth(config))
+    """Run the proxy until SIGTERM/SIGINT; `path` is the config file SIGHUP reloads.
+
+    `config` comes from proxy.runtime.load, which has refused a public bind without auth.
+    """
     # On a watchdog kill (SIGABRT) the journal then shows where the event loop was stuck.
     faulthandler.enable()
     VgateServer(config, path).run()
-
-
-def _has_auth(config: Config) -> bool:
-    order = config.policies.get("order", [])
-    return isinstance(order, list) and "auth" in order

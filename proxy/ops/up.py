@@ -23,8 +23,8 @@ from typing import TextIO
 import httpx
 
 from engine import launch, procs
-from proxy.core import config as config_module
 from proxy.core.config import Config
+from proxy.runtime import load
 
 TAIL_LINES = 20
 
@@ -82,7 +82,7 @@ def proxy_url(cfg: Config) -> str:
 
 async def up(config_path: str, *, out: TextIO = sys.stdout, ready_timeout: float = 900.0) -> int:
     """Run everything until a signal (exit 0) or a failure (exit 1)."""
-    cfg = config_module.load(config_path)
+    cfg = load.load(config_path)
     busy = _busy_ports(cfg)
     if busy:
         for what in busy:

@@ -18,17 +18,11 @@ from proxy.core.errors import (
     ModelNotFound,
     PermissionDenied,
 )
-from proxy.core.pipeline import Handler, ProxyRequest, ProxyResponse
-from proxy.upstream.forward import ModelRoute
+from proxy.core.pipeline import Handler, Outcome, ProxyRequest, ProxyResponse
+from proxy.upstream.model import ModelRoute
 
 # The fallback model refusing the caller says nothing about the original request.
 _NOT_FOR_THIS_CALLER = (AuthenticationFailed, PermissionDenied, ModelNotFound)
-
-
-def window(route: ModelRoute) -> int | None:
-    """The largest context window known among the route's upstreams."""
-    known = [u.monitor.max_model_len for u in route.upstreams if u.monitor.max_model_len]
-    return max(known) if known else None
 
 
 class ContextFallback:
@@ -54,21 +48,23 @@ class ContextFallback:
             return await self._pipelines[self._name](request)
         except ContextLengthExceeded as exc:
             first = exc
-        mine = window(self._routes[self._name])
+        mine = self._routes[self._name].window()
         for target in self._targets:
-            theirs = window(self._routes[target])
+            theirs = self._routes[target].window()
             if mine is not None and theirs is not None and theirs <= mine:
                 continue  # known not to be longer: it would only fail the same way
             request.body = dict(original)
             request.model = target
             request.served_by = None
             request.usage = None
+            # What the first model's stages found (its exact prompt count) is not this one's.
+            request.outcome = Outcome()
             try:
                 response = await self._pipelines[target](request)
             except ContextLengthExceeded:
                 continue
             except _NOT_FOR_THIS_CALLER:
                 break
-            request.outcome["fallback"] = "context_length"
+            request.outcome.fallback = "context_length"
             return response
         raise first

@@ -1,4 +1,5 @@
-"""Everything built from one config: upstream routes, engine monitors and per-model pipelines.
+"""Everything built from one config: upstream routes, engine monitors, attempt modules, and a
+pipeline per route family and model.
 
 A reload builds a new Runtime and swaps it in; requests in flight keep the one they started with.
 """
@@ -7,123 +8,103 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import httpx
 from starlette.datastructures import Headers
 
-from engine import launch
-from engine.client.monitor import EngineMonitor
 from policies import authenticator, build_policies, close_policies
-from proxy.core.config import ENGINE_PREFIX, Config, fallback_chain
-from proxy.core.engines import EngineConfig
+from policies.services import Services
+from proxy.core.api import Api, Bounds
+from proxy.core.config import Config
 from proxy.core.errors import ModelNotFound
 from proxy.core.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse, chain
 from proxy.runtime.context_fallback import ContextFallback
-from proxy.upstream.admission import Admission
-from proxy.upstream.breaker import Breaker
+from proxy.runtime.upstreams import build_routes
+from proxy.upstream import registry
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.forward import Forwarder, ModelRoute, Upstream
-
-
-@dataclass(frozen=True)
-class Services:
-    """What policies may use, handed to them at construction (no global state)."""
-
-    config: Config
-    client: httpx.AsyncClient
-    routes: dict[str, ModelRoute]
-    # Resources every model's policies share (one rate-limit storage), closed by Runtime.stop.
-    shared: dict[str, Any] = field(default_factory=dict)
+from proxy.upstream.forward import Forwarder
+from proxy.upstream.model import Upstream
+from proxy.upstream.wire import Tls
 
 
 class Runtime:
     def __init__(
-        self, config: Config, client: httpx.AsyncClient, upstream_client: UpstreamClient
+        self,
+        config: Config,
+        client: httpx.AsyncClient,
+        upstream_client: UpstreamClient,
+        apis: Sequence[Api],
     ) -> None:
         self.config = config
+        self.apis = list(apis)
+        server = config.server
+        self.bounds = Bounds(
+            max_n=server.max_n,
+            max_messages=server.max_messages,
+            max_prompts=server.max_prompts,
+            max_sequences=server.max_sequences,
+            max_items=server.max_items,
+        )
         self.client = client  # control plane: probes, scrapes, /tokenize
         self.upstream_client = upstream_client  # the hot path
-        self.monitors: dict[str, EngineMonitor] = {}
-        self.routes: dict[str, ModelRoute] = {}
-        resilience = config.resilience
-        for name, model in config.models.items():
-            bp = resilience.backpressure
-            route = ModelRoute(
-                name,
-                admission=Admission(
-                    max_inflight=bp.max_inflight,
-                    queue_size=bp.queue_size,
-                    max_wait=bp.max_queue_wait,
-                    retry_after=bp.retry_after,
-                ),
-            )
-            for label in model.upstreams:
-                base_url = self._base_url(label)
-                served = model.served_name or self._engine_served_name(label) or name
-                key = f"{base_url} {served}"
-                if key not in self.monitors:
-                    self.monitors[key] = EngineMonitor(
-                        client,
-                        base_url,
-                        served,
-                        health_interval=config.upstream.health_interval,
-                        metrics_interval=config.upstream.metrics_interval,
-                        api_key=self._engine_api_key(label),
-                    )
-                route.add(
-                    Upstream(
-                        label,
-                        base_url,
-                        served,
-                        self.monitors[key],
-                        breaker=_breaker(config, label),
-                        api_key=self._engine_api_key(label),
-                    )
-                )
-            self.routes[name] = route
+        # Control-plane clients for upstreams with TLS settings of their own (closed by stop).
+        self._tls_clients: dict[Tls, httpx.AsyncClient] = {}
+        self.routes, self.monitors = build_routes(
+            config, self._control, registry.breaker_factory(config)
+        )
         self.services = services = Services(config, client, self.routes)
-        chains = {name: fallback_chain(config, name) for name in config.models}
-        self.forwarder = forwarder = Forwarder(upstream_client, self.routes, resilience, chains)
-        inner: dict[str, Handler] = {
-            name: chain(build_policies(config, name, services), forwarder) for name in config.models
-        }
-        # A prompt too long for its model is re-run through a longer fallback model's pipeline.
-        self.pipelines: dict[str, Handler] = {
-            name: ContextFallback(name, chains[name][1:], inner, self.routes)
-            if len(chains[name]) > 1
-            else inner[name]
-            for name in config.models
-        }
-        # Unknown models still pass the global policies first: an unauthenticated caller gets
-        # 401, not a 404 that confirms which model names exist.
-        global_policies = build_policies(config, None, services)
-        self.unknown_model: Handler = chain(global_policies, _no_model)
+        modules = registry.build(config, self.routes)
+        forwarder = Forwarder(
+            upstream_client,
+            modules,
+            config.resilience.backpressure,
+            affinity_messages=(
+                config.resilience.affinity_messages if config.resilience.affinity == "prefix" else 0
+            ),
+            max_event_bytes=config.upstream.max_event_bytes,
+        )
+        self.forwarder = forwarder
+        chains = {name: [r.name for r in modules.chains[name]] for name in config.models}
+        # Per route family, then model: each family runs the policies that apply to it.
+        self.pipelines: dict[str, dict[str, Handler]] = {}
+        self.unknown_model: dict[str, Handler] = {}
+        for api in apis:
+            inner: dict[str, Handler] = {
+                name: chain(build_policies(config, name, services, api.policies), forwarder)
+                for name in config.models
+            }
+            # A prompt too long for its model is re-run through a longer fallback's pipeline.
+            self.pipelines[api.name] = {
+                name: ContextFallback(name, chains[name][1:], inner, self.routes)
+                if len(chains[name]) > 1
+                else inner[name]
+                for name in config.models
+            }
+            # Unknown models still pass the global policies first: an unauthenticated caller
+            # gets 401, not a 404 that confirms which model names exist.
+            self.unknown_model[api.name] = chain(
+                build_policies(config, None, services, api.policies), _no_model
+            )
         # The auth check for endpoints outside the pipelines (GET /v1/models); None: open.
-        self.authenticate: Callable[[Headers], KeyInfo] | None = authenticator(global_policies)
+        self.authenticate: Callable[[Headers], KeyInfo] | None = authenticator(
+            build_policies(config, None, services, frozenset({"auth"}))
+        )
         self._tasks: list[asyncio.Task[None]] = []
 
-    def _engine(self, label: str) -> tuple[str, EngineConfig] | None:
-        if not label.startswith(ENGINE_PREFIX):
-            return None
-        name = label[len(ENGINE_PREFIX) :]
-        return name, self.config.engines[name]
-
-    def _base_url(self, label: str) -> str:
-        engine = self._engine(label)
-        # launch.base_url reaches an engine bound to 0.0.0.0 or :: on loopback.
-        return launch.base_url(engine[1]) if engine else label.rstrip("/")
-
-    def _engine_served_name(self, label: str) -> str | None:
-        # The name the engine was launched with (--served-model-name), not its model path.
-        engine = self._engine(label)
-        return launch.served_name(*engine) if engine else None
-
-    def _engine_api_key(self, label: str) -> str | None:
-        engine = self._engine(label)
-        return (engine[1].api_key if engine else None) or self.config.upstream.api_key
+    def _control(self, tls: Tls | None) -> httpx.AsyncClient:
+        if tls is None or tls == Tls():
+            return self.client  # plain http, or https with the system trust store
+        client = self._tls_clients.get(tls)
+        if client is None:
+            client = self._tls_clients[tls] = httpx.AsyncClient(
+                transport=httpx.AsyncHTTPTransport(verify=tls.context()),
+                timeout=self.client.timeout,
+                follow_redirects=False,
+                trust_env=False,
+            )
+        return client
 
     async def start(self, first_probe_timeout: float = 2.0) -> None:
         """One bounded round of probes (so /ready and /v1/models know something), then loops."""
@@ -140,6 +121,9 @@ class Runtime:
                 await task
         self._tasks = []
         await close_policies(self.services)
+        for client in self._tls_clients.values():
+            await client.aclose()
+        self._tls_clients.clear()
 
     def readiness(self) -> dict[str, str]:
         """Models without an upstream that answers, with the reason; empty when ready.
@@ -174,17 +158,6 @@ class Runtime:
             }
             for name, route in self.routes.items()
         }
-
-
-def _breaker(config: Config, label: str) -> Breaker:
-    cfg = config.resilience.breaker
-    return Breaker(
-        label,
-        # Disabled: a breaker that never opens keeps one code path for both.
-        fail_max=cfg.fail_max if cfg.enabled else 2**62,
-        reset_timeout=cfg.reset_timeout,
-        half_open_max=cfg.half_open_max,
-    )
 
 
 def _health(upstream: Upstream) -> str:

@@ -1,27 +1,18 @@
 """vgate's metric families (one set per app) and what fills them.
 
 For each finished request (in batches: `proxy.telemetry.observe`), `ProxyMetrics.record` adds to
-counters
-and histograms through cached children (a dict lookup and an add each). State that already
-lives somewhere (upstream health, engine load, queue depth, breaker state, requests in flight)
-is read at scrape time by a collector instead, so it costs nothing per request.
+counters and histograms through cached children (a dict lookup and an add each). State that
+already lives somewhere (upstream health, engine load, queue depth, breaker state, requests in
+flight) is read at scrape time by a collector instead, so it costs nothing per request.
 
 Labels are bounded: `model` is a configured model name or "unknown", `upstream` a configured
-upstream label, `key` a configured key name, reasons short identifiers set by our own code (others
-become "other"). Never a raw key, a prompt or a request id.
-
-Keys other stages set in `request.outcome` (see docs-drafts/observability.md):
-
-    rate_limited: str      which limit refused the request ("requests" | "tokens")
-    shed: str              why backpressure refused it ("queue_full", "kv_cache", ...)
-    retries: int           extra upstream attempts made before the first byte
-    fallback: str          why the request left its model ("unreachable", "unhealthy", ...)
-    truncated: int         messages dropped to fit the context window
-    queue_wait: float      seconds spent waiting for an upstream slot
+upstream label, `key` a configured key name, reasons short identifiers set by our own code
+(others become "other"). Never a raw key, a prompt or a request id. What the stages did comes
+from the request's typed `Outcome` (proxy.core.pipeline).
 
 Scrape time reads `Upstream.inflight`, `.attempts`, `.failures`, `.breaker` (`current_state`,
-`trips`, `rejected`), `ModelRoute.admission.waiting` and the engine monitors, defensively; and
-the process's own figures (`proxy.telemetry.procstats`) and the event loop's task count.
+`trips`, `rejected`), `ModelRoute.admission.waiting` and the engine monitors; and the process's
+own figures (`proxy.telemetry.procstats`) and the event loop's task count.
 """
 
 from __future__ import annotations
@@ -31,11 +22,11 @@ import re
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from proxy.core.pipeline import ProxyRequest
+from proxy.core.pipeline import Outcome
 from proxy.runtime.runtime import Runtime
 from proxy.telemetry.procstats import ProcReader
+from proxy.telemetry.records import Finished
 from proxy.telemetry.registry import Counter, Family, Gauge, Registry
-from proxy.upstream.forward import Upstream
 
 # Latency of LLM requests spans milliseconds (errors, tiny answers) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -154,62 +145,50 @@ class ProxyMetrics:
         """One request refused by the HTTP layer (framing, head limits, timeouts, overload)."""
         self.http_refused.labels(reason).inc()
 
-    def record(
-        self,
-        model: str,
-        route: str,
-        status: int,
-        outcome: str,
-        request: ProxyRequest | None,
-        latency: float,
-        ttft: float | None,
-        error_code: str | None,
-    ) -> None:
-        """Count one finished request; `model` is already bounded (configured or "unknown")."""
-        self.requests.labels(model, route, status, outcome).inc()
-        if ttft is not None:
-            self.ttft.labels(model, route).observe(ttft)
+    def record(self, fin: Finished) -> None:
+        """Count one finished request; `fin.label` is already bounded (configured or
+        "unknown")."""
+        model, route, outcome = fin.label, fin.route, fin.outcome
+        self.requests.labels(model, route, fin.status, outcome).inc()
+        if fin.ttft is not None:
+            self.ttft.labels(model, route).observe(fin.ttft)
+        code = fin.error.code if fin.error is not None else None
         if outcome == "stream_failed":
-            self.stream_failures.labels(model, reason_label(error_code)).inc()
+            self.stream_failures.labels(model, reason_label(code)).inc()
         elif outcome == "upstream_error":
-            self.upstream_errors.labels(model, reason_label(error_code)).inc()
+            self.upstream_errors.labels(model, reason_label(code)).inc()
+        request = fin.request
         if request is None:
             return
         if outcome == "ok":
-            self.duration.labels(model, route, "true" if request.stream else "false").observe(
-                latency
-            )
+            stream = "true" if request.stream else "false"
+            self.duration.labels(model, route, stream).observe(fin.latency)
         usage = request.usage
-        if usage:
+        if usage is not None:
             key = request.key.name if request.key is not None else "none"
-            prompt = usage.get("prompt_tokens")
-            completion = usage.get("completion_tokens")
-            if type(prompt) is int:
-                self.prompt_tokens.labels(key, model).inc(prompt)
-            if type(completion) is int:
-                self.completion_tokens.labels(key, model).inc(completion)
+            if usage.prompt_tokens is not None:
+                self.prompt_tokens.labels(key, model).inc(usage.prompt_tokens)
+            if usage.completion_tokens is not None:
+                self.completion_tokens.labels(key, model).inc(usage.completion_tokens)
         details = request.outcome
         if outcome == "rate_limited":
-            self.rate_limited.labels(model, reason_label(details.get("rate_limited"))).inc()
+            self.rate_limited.labels(model, reason_label(details.rate_limited)).inc()
         elif outcome == "shed":
-            self.shed.labels(model, reason_label(details.get("shed"))).inc()
-        if details:
+            self.shed.labels(model, reason_label(details.shed)).inc()
+        if details.retries or details.fallback or details.truncated:
             self._record_details(model, details, request.served_by)
+        if details.queue_wait is not None:
+            self.queue_wait.labels(model).observe(details.queue_wait)
 
-    def _record_details(self, model: str, details: dict[str, Any], served_by: str | None) -> None:
-        retries = details.get("retries")
-        if type(retries) is int and retries > 0:
-            self.retries.labels(model).inc(retries)
-        fallback = details.get("fallback")
-        if fallback is not None:
-            self.fallbacks.labels(model, reason_label(fallback), upstream_label(served_by)).inc()
-        truncated = details.get("truncated")
-        if type(truncated) is int and truncated > 0:
+    def _record_details(self, model: str, details: Outcome, served_by: str | None) -> None:
+        if details.retries > 0:
+            self.retries.labels(model).inc(details.retries)
+        if details.fallback is not None:
+            reason = reason_label(details.fallback)
+            self.fallbacks.labels(model, reason, upstream_label(served_by)).inc()
+        if details.truncated > 0:
             self.truncations.labels(model).inc()
-            self.truncated_messages.labels(model).inc(truncated)
-        wait = details.get("queue_wait")
-        if isinstance(wait, int | float) and not isinstance(wait, bool) and wait >= 0:
-            self.queue_wait.labels(model).observe(wait)
+            self.truncated_messages.labels(model).inc(details.truncated)
 
     def _collect(self) -> Iterator[Family[Any]]:
         """Gauges read from the live runtime at scrape time: no per-request cost."""
@@ -255,26 +234,24 @@ def _runtime_gauges(rt: Runtime) -> Iterator[Family[Any]]:
     window = Gauge("vgate_engine_max_model_len", "The engine's context window in tokens.", up)
     for name, route in rt.routes.items():
         ready.labels(name).set(1.0 if any(u.monitor.healthy for u in route.upstreams) else 0.0)
-        depth = getattr(getattr(route, "admission", None), "waiting", None)
-        if isinstance(depth, int):
-            queued.labels(name).set(depth)
+        queued.labels(name).set(route.admission.waiting)
         for u in route.upstreams:
             key = (name, u.label)
             monitor = u.monitor
             inflight.labels(*key).set(u.inflight)
             if monitor.healthy is not None:
                 healthy.labels(*key).set(1.0 if monitor.healthy else 0.0)
-            cb = getattr(u, "breaker", None)
+            cb = u.breaker
             for family, value in (
                 (kv, monitor.kv_cache_usage),
                 (running, monitor.running),
                 (waiting, monitor.waiting),
                 (window, monitor.max_model_len),
-                (breaker, _breaker_state(u)),
-                (attempts, getattr(u, "attempts", None)),
-                (failures, getattr(u, "failures", None)),
-                (trips, getattr(cb, "trips", None)),
-                (rejected, getattr(cb, "rejected", None)),
+                (breaker, BREAKER_STATES.get(cb.current_state)),
+                (attempts, u.attempts),
+                (failures, u.failures),
+                (trips, cb.trips),
+                (rejected, cb.rejected),
             ):
                 if isinstance(value, int | float):
                     family.labels(*key).set(value)
@@ -289,11 +266,3 @@ def _loop_tasks() -> int | None:
         return len(asyncio.all_tasks())
     except RuntimeError:
         return None
-
-
-def _breaker_state(upstream: Upstream) -> int | None:
-    # The resilience layer may expose a state name, or a pybreaker CircuitBreaker.
-    state = getattr(upstream, "breaker_state", None)
-    if state is None:
-        state = getattr(getattr(upstream, "breaker", None), "current_state", None)
-    return BREAKER_STATES.get(state) if isinstance(state, str) else None

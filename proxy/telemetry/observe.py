@@ -1,9 +1,10 @@
-"""The end of every completion request: classify it, count it, log one line about it.
+"""The end of every proxied request: classify it, count it, log one line about it.
 
-The endpoint knows what it sent (status, whether a stream started, the error, timings); the
-pipeline's stages left what they did in `request.outcome`, the token counts in `request.usage`,
-the caller in `request.key` and the upstream in `request.served_by`. This module turns that into
-the metrics of `proxy.telemetry.metrics` and one structured log line, in one place.
+The endpoint fills one `Finished` record per request: what it sent (status, whether a stream
+started, the error, timings) and the request itself, on which the pipeline's stages left what
+they did (`request.outcome`), the token counts (`request.usage`), the caller (`request.key`) and
+the upstream (`request.served_by`). This module turns that into the metrics of
+`proxy.telemetry.metrics` and one structured log line, in one place.
 """
 
 from __future__ import annotations
@@ -16,14 +17,16 @@ from collections.abc import Container
 from typing import Any
 
 from proxy.core.errors import Overloaded, RateLimited, ShuttingDown, UpstreamError, VgateError
-from proxy.core.pipeline import ProxyRequest
+from proxy.core.pipeline import Outcome
 from proxy.telemetry.logs import REQUEST_ID, flush_handlers, request_record
 from proxy.telemetry.metrics import ProxyMetrics
+from proxy.telemetry.records import Finished
 
 # nginx's code for "client closed the request before any answer": nothing was sent at all.
 CLIENT_CLOSED = 499
 _MAX_MODEL_CHARS = 100
 _MAX_VALUE_CHARS = 200
+_NO_OUTCOME = Outcome()
 
 
 def classify(
@@ -31,7 +34,7 @@ def classify(
     error: VgateError | None,
     cancelled: bool,
     stream_started: bool,
-    details: dict[str, Any],
+    details: Outcome,
 ) -> str:
     """The one outcome label of a finished request (see `proxy.telemetry.metrics.OUTCOMES`)."""
     if cancelled:
@@ -43,9 +46,9 @@ def classify(
         return "ok" if error is None else "stream_failed"
     if status < 400:
         return "ok"
-    if "shed" in details or isinstance(error, Overloaded):
+    if details.shed is not None or isinstance(error, Overloaded):
         return "shed"
-    if "rate_limited" in details or isinstance(error, RateLimited):
+    if details.rate_limited is not None or isinstance(error, RateLimited):
         return "rate_limited"
     if isinstance(error, UpstreamError):
         return "upstream_error"
@@ -58,12 +61,6 @@ def classify(
 # batched. Request lines reach stderr up to BATCH_SECONDS late (their `ts` is the request's).
 BATCH_SECONDS = 0.05
 
-# (wall time, request id, model label, model as sent, route, status, outcome, error code,
-#  latency, ttft, request)
-_Finished = tuple[
-    float, str, str, str | None, str, int, str, str | None, float, float | None, ProxyRequest | None
-]
-
 
 class Observer:
     """Records finished requests into one app's metrics and the `vgate.request` log."""
@@ -72,7 +69,7 @@ class Observer:
         self.metrics = metrics
         self.log = logging.getLogger("vgate.request")
         self.log_requests = log_requests
-        self._pending: list[_Finished] = []
+        self._pending: list[Finished] = []
         self._timer: asyncio.TimerHandle | None = None
         # A scrape sees every request that has finished, batched or not.
         metrics.registry.before_render(self.flush)
@@ -84,33 +81,21 @@ class Observer:
         self.metrics.in_flight += 1
         return time.perf_counter()
 
-    def finish(
-        self,
-        models: Container[str],
-        route: str,
-        model: str | None,
-        request: ProxyRequest | None,
-        status: int,
-        error: VgateError | None,
-        cancelled: bool,
-        stream_started: bool,
-        started_at: float,
-        first_byte_at: float = 0.0,
-    ) -> None:
-        """Called once per request by the endpoint; times are `time.perf_counter()` values."""
+    def finish(self, models: Container[str], fin: Finished) -> None:
+        """Called once per request by the endpoint (`models`: the configured names)."""
         self.metrics.in_flight -= 1
-        latency = time.perf_counter() - started_at
-        ttft = first_byte_at - started_at if first_byte_at else None
-        details = request.outcome if request is not None else {}
-        if cancelled and not stream_started:
-            status = CLIENT_CLOSED
-        outcome = classify(status, error, cancelled, stream_started, details)
-        label = model if model is not None and model in models else "unknown"
-        code = error.code if error is not None else None
-        rid = REQUEST_ID.get() or ""
-        self._pending.append(
-            (time.time(), rid, label, model, route, status, outcome, code, latency, ttft, request)
-        )
+        now = time.perf_counter()
+        fin.wall = time.time()
+        fin.request_id = REQUEST_ID.get() or ""
+        fin.latency = now - fin.started_at
+        fin.ttft = fin.first_byte_at - fin.started_at if fin.first_byte_at else None
+        if fin.cancelled and not fin.stream_started:
+            fin.status = CLIENT_CLOSED
+        details = fin.request.outcome if fin.request is not None else _NO_OUTCOME
+        fin.outcome = classify(fin.status, fin.error, fin.cancelled, fin.stream_started, details)
+        model = fin.model
+        fin.label = model if model is not None and model in models else "unknown"
+        self._pending.append(fin)
         if self._timer is None:
             # In a context of its own: not the one of the request that happened to schedule it.
             self._timer = asyncio.get_running_loop().call_later(
@@ -125,49 +110,39 @@ class Observer:
         pending, self._pending = self._pending, []
         log = self.log_requests and self.log.isEnabledFor(logging.INFO)
         record = self.metrics.record
-        for wall, rid, label, model, route, status, outcome, code, latency, ttft, req in pending:
-            record(label, route, status, outcome, req, latency, ttft, code)
+        for fin in pending:
+            record(fin)
             if log:
-                self._log(wall, rid, route, model, req, status, outcome, code, latency, ttft)
+                self._log(fin)
         if log and pending:
             flush_handlers(self.log)
 
-    def _log(
-        self,
-        wall: float,
-        rid: str,
-        route: str,
-        model: str | None,
-        request: ProxyRequest | None,
-        status: int,
-        outcome: str,
-        code: str | None,
-        latency: float,
-        ttft: float | None,
-    ) -> None:
+    def _log(self, fin: Finished) -> None:
+        model = fin.model
         fields: dict[str, Any] = {
-            "method": "POST",
-            "path": f"/v1/{route}",
+            "method": fin.method,
+            "path": fin.path,
             # The name the client sent (bounded in length); metrics use "unknown" instead.
             "model": model[:_MAX_MODEL_CHARS] if model is not None else None,
-            "status": status,
-            "outcome": outcome,
-            "latency_ms": round(latency * 1000, 3),
-            "ttft_ms": round(ttft * 1000, 3) if ttft is not None else None,
+            "status": fin.status,
+            "outcome": fin.outcome,
+            "latency_ms": round(fin.latency * 1000, 3),
+            "ttft_ms": round(fin.ttft * 1000, 3) if fin.ttft is not None else None,
         }
-        if code is not None:
-            fields["error"] = code
+        if fin.error is not None:
+            fields["error"] = fin.error.code
+        request = fin.request
         if request is not None:
             fields["stream"] = request.stream
             fields["key"] = request.key.name if request.key is not None else None
             fields["upstream"] = request.served_by
-            usage = request.usage or {}
-            fields["prompt_tokens"] = usage.get("prompt_tokens")
-            fields["completion_tokens"] = usage.get("completion_tokens")
-            for name, value in request.outcome.items():
+            usage = request.usage
+            fields["prompt_tokens"] = usage.prompt_tokens if usage is not None else None
+            fields["completion_tokens"] = usage.completion_tokens if usage is not None else None
+            for name, value in request.outcome.reported().items():
                 # Stages report names and numbers; anything else is not ours to log.
                 if isinstance(value, bool | int | float) or value is None:
                     fields.setdefault(name, value)
                 elif isinstance(value, str):
                     fields.setdefault(name, value[:_MAX_VALUE_CHARS])
-        self.log.handle(request_record(self.log.name, "request", rid, wall, fields))
+        self.log.handle(request_record(self.log.name, "request", fin.request_id, fin.wall, fields))

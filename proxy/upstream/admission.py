@@ -4,7 +4,7 @@ Taking a slot is a comparison and an increment while there is room; only a reque
 every upstream full creates a future and waits, in a heap ordered by key priority (higher first)
 then arrival. A freed slot passes straight to the best waiter (no stampede, no barging); a full
 queue sheds the newcomer, unless it outranks the lowest-priority waiter, which is shed instead.
-Every refusal is immediate, labelled in `request.outcome["shed"]` and counted, and carries
+Every refusal is immediate, labelled in `request.outcome.shed` and counted, and carries
 Retry-After: never an unbounded queue.
 """
 
@@ -13,19 +13,26 @@ from __future__ import annotations
 import asyncio
 import heapq
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Generic, Protocol, TypeVar
 
 from proxy.core.errors import Overloaded
+from proxy.core.pipeline import Outcome
 
-if TYPE_CHECKING:
-    from proxy.upstream.forward import Upstream
+
+class Slotted(Protocol):
+    """What holds slots: an upstream's count of requests in flight."""
+
+    inflight: int
+
+
+Upstream = TypeVar("Upstream", bound=Slotted)
 
 # [negated priority, arrival, future, the waiter's request outcome]: a list so a heap entry
 # compares cheaply (arrival is unique, so comparison never reaches the future).
 _Waiter = list[Any]
 
 
-class Admission:
+class Admission(Generic[Upstream]):
     """Slots and the waiting room of one model's upstreams."""
 
     def __init__(
@@ -63,7 +70,7 @@ class Admission:
                 return
         upstream.inflight -= 1
 
-    async def wait(self, outcome: dict[str, Any], priority: int, limit: float) -> Upstream:
+    async def wait(self, outcome: Outcome, priority: int, limit: float) -> Upstream:
         """Wait at most `min(max_wait, limit)` for a slot; returns the upstream it is on.
 
         Raises Overloaded (503 + Retry-After) when the queue is full or the wait runs out.
@@ -92,7 +99,7 @@ class Admission:
             if isinstance(exc, TimeoutError):
                 raise self.refuse(outcome, "queue_timeout") from None
             raise
-        outcome["queue_wait"] = round(time.monotonic() - began, 6)
+        outcome.queue_wait = round(time.monotonic() - began, 6)
         return upstream
 
     def _evict_below(self, priority: int) -> bool:
@@ -117,9 +124,9 @@ class Admission:
         self._heap = [entry for entry in self._heap if not entry[2].done()]
         heapq.heapify(self._heap)
 
-    def refuse(self, outcome: dict[str, Any], reason: str) -> Overloaded:
+    def refuse(self, outcome: Outcome, reason: str) -> Overloaded:
         """Count and label a shed request; returns the error to raise."""
-        outcome["shed"] = reason
+        outcome.shed = reason
         self.shed[reason] = self.shed.get(reason, 0) + 1
         return Overloaded(
             f"The model's upstreams are at capacity ({reason.replace('_', ' ')}); "

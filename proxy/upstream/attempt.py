@@ -1,20 +1,22 @@
 """One upstream attempt: the HTTP exchange, the stream's first-chunk peek, and its relay.
 
 A stream is handed back only once its first chunk arrived, so a failure before the first event
-can still be retried (proxy.upstream.forward) and the client sees one coherent stream. After that,
-bytes
-are relayed as they arrive and the attempt's `Lease` (its slot on the upstream and its breaker
-probe) is released when the stream ends, however it ends.
+can still be retried (proxy.upstream.forward) and the client sees one coherent stream. After
+that, bytes are relayed as they arrive, cut only at event boundaries; the route family sees each
+block of whole events (usage, terminator). A stream that ends without the family's terminal
+event was cut short, however the transport ended: it fails like a reset. The attempt's `Lease`
+(its slot on the upstream and its breaker probe) is released when the stream ends, however.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING
 
 import orjson
 
+from proxy.core.api import StreamState
 from proxy.core.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -22,11 +24,10 @@ from proxy.core.errors import (
     UpstreamStreamBroken,
 )
 from proxy.core.pipeline import ProxyRequest, ProxyResponse
-from proxy.upstream.client import UpstreamClient, UpstreamResponse, upstream_errors
-from proxy.upstream.sse import UsageTap, usage_of
-
-if TYPE_CHECKING:
-    from proxy.upstream.forward import ModelRoute, Upstream
+from proxy.core.transport import upstream_errors
+from proxy.upstream.client import UpstreamClient, UpstreamResponse
+from proxy.upstream.model import ModelRoute, Upstream
+from proxy.upstream.sse import Framer
 
 # What vLLM says when a prompt does not fit its window (renderers/params.py, input_processor.py).
 _OVERFLOW_MARKS = (b"maximum context length", b"maximum model length")
@@ -35,23 +36,24 @@ _TIMEOUT_REASONS = ("first_byte_timeout", "idle_timeout")
 
 
 def timed_out(exc: asyncio.CancelledError) -> bool:
-    """Whether a cancellation is proxy.http.guard's first-byte or idle timeout (not the client)."""
+    """Whether a cancellation is the guard's first-byte or idle timeout (not the client)."""
     return bool(exc.args) and exc.args[0] in _TIMEOUT_REASONS
 
 
 class Lease:
     """One attempt's hold on an upstream: its slot and, while half-open, its probe."""
 
-    __slots__ = ("probe", "released", "route", "upstream")
+    __slots__ = ("probe", "released", "route", "started", "upstream")
 
     def __init__(self, route: ModelRoute, upstream: Upstream, probe: bool) -> None:
         self.route = route
         self.upstream = upstream
         self.probe = probe
         self.released = False
+        self.started = time.monotonic()
 
     def succeeded(self) -> None:
-        self.upstream.breaker.success(self.probe)
+        self.upstream.breaker.success(self.probe, time.monotonic() - self.started)
         self.probe = False
 
     def failed(self) -> None:
@@ -72,29 +74,17 @@ class Lease:
 class Sender:
     """Sends one request to one upstream with only the headers we choose."""
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: UpstreamClient, max_event_bytes: int) -> None:
         self._client = client
+        self._max_event = max_event_bytes
 
     async def send(
-        self,
-        upstream: Upstream,
-        request: ProxyRequest,
-        lease: Lease,
-        strip_usage: bool,
-        overflow: bool = False,
+        self, request: ProxyRequest, lease: Lease, state: StreamState, overflow: bool
     ) -> ProxyResponse:
-        """Send to `upstream`; a stream is returned only once its first chunk arrived."""
+        """POST the request to the lease's upstream; a stream returns once its first chunk came."""
+        upstream = lease.upstream
         body = request.body
         body["model"] = upstream.served_name
-        if request.stream:
-            # Always ask for usage: token limits and metrics reconcile from it. The client sees
-            # the usage event only if it asked (`strip_usage`). A new dict: the client's stays
-            # as sent, for a fallback that starts over from it.
-            options = body.get("stream_options")
-            body["stream_options"] = {
-                **(options if isinstance(options, dict) else {}),
-                "include_usage": True,
-            }
         # Only headers we choose leave: never the client's Authorization, cookies, hop-by-hop
         # or custom-host headers; the URL is the configured upstream, whatever the body says.
         headers = {
@@ -105,16 +95,18 @@ class Sender:
         }
         if upstream.auth:
             headers["authorization"] = upstream.auth
-        url = f"{upstream.base_url}/v1/{request.route}"
+        url = upstream.base_url + request.api.upstream_path
         try:
             content = orjson.dumps(body)
         except TypeError:
             # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
             raise InvalidRequest("Request body is nested too deeply.") from None
-        outbound = self._client.build_request("POST", url, content=content, headers=headers)
+        outbound = self._client.build_request(
+            "POST", url, content=content, headers=headers, tls=upstream.tls
+        )
         label = upstream.label
         with upstream_errors(label):
-            response = await self._client.send(outbound, stream=True)
+            response = await self._client.send(outbound)
         status = response.status_code
         try:
             if request.stream and status < 400:
@@ -123,12 +115,11 @@ class Sender:
                     first = await anext(chunks, b"")
                 if not first:
                     raise UpstreamServerError("The upstream ended the stream before any event.")
-                relay = _relay(first, chunks, response, lease)
-                events = aiter(UsageTap(relay, request, strip=strip_usage))
+                relay = _relay(first, chunks, response, lease, request, state, self._max_event)
                 return ProxyResponse(
                     status=status,
                     content_type="text/event-stream; charset=utf-8",
-                    stream=_Stream(events, relay, response, lease),
+                    stream=_Stream(relay, response, lease),
                 )
             with upstream_errors(label):
                 content = await response.aread()
@@ -142,14 +133,14 @@ class Sender:
                 f"The upstream failed to process the request (status {status})."
             )
         if status < 300:
-            request.usage = usage_of(content)
+            request.usage = request.api.usage(content)
         elif status == 400 and overflow and any(m in content for m in _OVERFLOW_MARKS):
             raise ContextLengthExceeded(
                 "The prompt is longer than this model's context window.", param="messages"
             )
         return ProxyResponse(
             status=status,
-            content_type=response.headers.get("content-type", "application/json"),
+            content_type=response.content_type,
             body=content,
         )
 
@@ -158,32 +149,26 @@ class _Stream:
     """The client-facing stream: iterating it iterates the relay directly (no extra layer per
     chunk); closing it always frees the upstream, even if iteration never started."""
 
-    __slots__ = ("_events", "_lease", "_relay", "_response")
+    __slots__ = ("_lease", "_relay", "_response")
 
     def __init__(
-        self,
-        events: AsyncIterator[bytes],
-        relay: AsyncIterator[bytes],
-        response: UpstreamResponse,
-        lease: Lease,
+        self, relay: AsyncIterator[bytes], response: UpstreamResponse, lease: Lease
     ) -> None:
-        self._events = events
         self._relay = relay
         self._response = response
         self._lease = lease
 
     def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events
+        return self._relay
 
     async def __anext__(self) -> bytes:
-        return await anext(self._events)
+        return await anext(self._relay)
 
     async def aclose(self) -> None:
         try:
-            for it in (self._events, self._relay):
-                aclose = getattr(it, "aclose", None)
-                if aclose is not None:
-                    await aclose()
+            aclose = getattr(self._relay, "aclose", None)
+            if aclose is not None:
+                await aclose()
         finally:
             if not self._lease.released:
                 # The relay never started (the client left before the headers went out).
@@ -199,14 +184,31 @@ class _Stream:
 
 
 async def _relay(
-    first: bytes, chunks: AsyncIterator[bytes], response: UpstreamResponse, lease: Lease
+    first: bytes,
+    chunks: AsyncIterator[bytes],
+    response: UpstreamResponse,
+    lease: Lease,
+    request: ProxyRequest,
+    state: StreamState,
+    max_event: int,
 ) -> AsyncIterator[bytes]:
-    """The upstream's bytes as they arrive: no buffering, no re-framing."""
+    """The upstream's bytes as they arrive, in whole events; usage lands in `request.usage`."""
+    inspect = request.api.inspect
+    framer = Framer(max_event)
     try:
-        yield first
+        block = framer.feed(first)
+        if block and (block := inspect(block, state)):
+            yield block
         with upstream_errors(lease.upstream.label, started=True):
             async for chunk in chunks:
-                yield chunk
+                block = framer.feed(chunk)
+                if block and (block := inspect(block, state)):
+                    yield block
+        rest = framer.rest()
+        if rest:
+            yield rest  # an unfinished last event: relayed as it came
+        if not state.finished:
+            raise UpstreamStreamBroken("The upstream ended the stream before its final event.")
     except UpstreamStreamBroken:
         lease.failed()
         raise
@@ -215,5 +217,8 @@ async def _relay(
             lease.failed()
         raise
     finally:
+        # Policies further out read it when the stream ends, however it ends.
+        if state.usage is not None:
+            request.usage = state.usage
         await response.aclose()
         lease.release()

@@ -1,21 +1,22 @@
-"""Choosing an upstream: least outstanding requests, optionally with prefix affinity.
+"""Choosing an upstream: which are eligible, and the `least_outstanding` balancer among them.
 
-Only upstreams that can take a request are candidates: not excluded by the caller, breaker not
-open (or due for a probe), not over the KV-cache limit when one applies, healthy unless the
-caller accepts unhealthy ones as a last resort. Among them the one with the fewest requests in
-flight wins. With affinity, a hash of the conversation's first messages picks the upstream by
-rendezvous hashing (so losing one upstream moves only its share), unless that upstream is
-clearly busier than the rest: vLLM's prefix cache then pays off without hot-spotting.
+Eligible: not excluded by the caller, breaker not open (or due for a probe), not over the
+KV-cache limit when one applies, healthy unless the caller accepts unhealthy ones as a last
+resort. The balancer then picks among them (`proxy.upstream.modules.Balancer`). The built-in one
+takes the upstream with the fewest requests in flight; with an affinity key (a hash of the
+conversation's first messages) it picks by rendezvous hashing, so losing one upstream moves only
+its share, unless that upstream is clearly busier than the rest: vLLM's prefix cache then pays
+off without hot-spotting.
 """
 
 from __future__ import annotations
 
 import zlib
 from collections.abc import Container, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from proxy.upstream.forward import ModelRoute, Upstream
+from proxy.upstream.model import ModelRoute, Upstream
+from proxy.upstream.modules import Balancer, C
 
 # Affinity yields to least-outstanding when its choice has this many more requests in flight
 # than the least busy candidate, plus the same again as a fraction of that candidate's load.
@@ -44,6 +45,26 @@ def affinity_key(body: dict[str, Any], messages: int) -> int | None:
     return zlib.crc32(text[:_KEY_CHARS].encode("utf-8", "surrogatepass"))
 
 
+class LeastOutstanding:
+    """Fewest requests in flight; prefix affinity by rendezvous hashing within a slack."""
+
+    def select(self, candidates: Sequence[C], key: int | None) -> C | None:
+        if not candidates:
+            return None
+        best = candidates[0]
+        for u in candidates:
+            if u.inflight < best.inflight:
+                best = u
+        if key is not None and len(candidates) > 1:
+            target = max(candidates, key=lambda u: zlib.crc32(u.label_bytes, key))
+            if target.inflight <= best.inflight + _SLACK + best.inflight * _SLACK_RATIO:
+                return target
+        return best
+
+
+_DEFAULT = LeastOutstanding()
+
+
 class Choice:
     """What `pick` found: the upstream, or why there is none."""
 
@@ -62,13 +83,14 @@ def pick(
     unhealthy: bool = False,
     kv_limit: float | None = None,
     key: int | None = None,
+    balancer: Balancer = _DEFAULT,
 ) -> Upstream | None:
-    """The best candidate of `upstreams` (also stored in `choice.upstream`), or None.
+    """The balancer's choice among the eligible `upstreams` (also in `choice.upstream`).
 
     `unhealthy`: consider only upstreams the monitor reports as failing (the last resort).
     """
-    best: Upstream | None = None
-    usable: list[Upstream] | None = [] if key is not None else None
+    first: Upstream | None = None
+    more: list[Upstream] | None = None
     for u in upstreams:
         if u in skip or (u.monitor.healthy is False) is not unhealthy or not u.breaker.allows():
             continue
@@ -77,14 +99,14 @@ def pick(
             if kv is not None and kv > kv_limit:
                 choice.kv_blocked = True
                 continue
-        if best is None or u.inflight < best.inflight:
-            best = u
-        if usable is not None:
-            usable.append(u)
-    if best is not None and usable is not None and key is not None and len(usable) > 1:
-        target = max(usable, key=lambda u: zlib.crc32(u.label_bytes, key))
-        if target.inflight <= best.inflight + _SLACK + best.inflight * _SLACK_RATIO:
-            best = target
+        if first is None:
+            first = u
+        elif more is None:
+            more = [first, u]
+        else:
+            more.append(u)
+    # One eligible upstream (the common case) needs no list and no balancer call.
+    best = balancer.select(more, key) if more is not None else first
     choice.upstream = best
     return best
 
@@ -96,22 +118,46 @@ def choose(
     refused: list[Upstream],
     key: int | None,
     kv_limit: float | None,
+    balancer: Balancer = _DEFAULT,
 ) -> ModelRoute | None:
     """The route and upstream (in `choice`) to try next, in order of preference: untried and
     healthy, then tried and healthy (a retry), then upstreams the monitor reports as failing."""
+    if not tried and not refused:
+        # A request's first choice (the common case): no exclusions to combine.
+        for unhealthy in (False, True):
+            for route in chain:
+                found = pick(
+                    route.upstreams,
+                    choice,
+                    unhealthy=unhealthy,
+                    kv_limit=kv_limit,
+                    key=key,
+                    balancer=balancer,
+                )
+                if found is not None:
+                    return route
+        return None
     skip: list[Upstream] = tried + refused if refused else tried
     for unhealthy in (False, True):
         for excluded in (skip, refused):
             for route in chain:
-                if pick(
+                found = pick(
                     route.upstreams,
                     choice,
                     skip=excluded,
                     unhealthy=unhealthy,
                     kv_limit=kv_limit,
                     key=key,
-                ):
+                    balancer=balancer,
+                )
+                if found is not None:
                     return route
             if not tried:
                 break
     return None
+
+
+def least_busy(route: ModelRoute) -> Upstream:
+    """For side calls such as /tokenize: the least busy available upstream (any, if none is)."""
+    chosen = pick(route.upstreams, Choice())
+    return chosen or min(route.upstreams, key=lambda u: u.inflight)

@@ -1,4 +1,4 @@
-"""One circuit breaker per upstream: pybreaker's state machine, driven correctly from asyncio.
+"""The `consecutive` breaker: pybreaker's state machine, driven correctly from asyncio.
 
 pybreaker cannot guard a coroutine: `call()` on an `async def` counts a success as soon as the
 coroutine object exists, and `asyncio.CancelledError` (a BaseException) would count as a failure.
@@ -18,9 +18,12 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import pybreaker
 
+from proxy.core.binder import check, positive
 from proxy.core.errors import CircuitOpen
 
 CLOSED = pybreaker.STATE_CLOSED
@@ -28,24 +31,33 @@ OPEN = pybreaker.STATE_OPEN
 HALF_OPEN = pybreaker.STATE_HALF_OPEN
 
 
+@dataclass(frozen=True, kw_only=True)
+class ConsecutiveSettings:
+    """`[resilience.breaker]` with `kind = "consecutive"` (the default)."""
+
+    enabled: bool = True  # false: the accounting is kept, the breaker never opens
+    fail_max: int = check(positive, 5)  # consecutive failures that open it
+    reset_timeout: float = check(positive, 30.0)  # seconds open before a probe goes through
+    # Requests let through at once while half-open (pybreaker alone would let all through).
+    half_open_max: int = check(positive, 1)
+
+
 class _Failure(Exception):
     """What a counted failure looks like to pybreaker when it is replayed."""
 
 
 class _Mirror(pybreaker.CircuitBreakerListener):
-    def __init__(self, owner: Breaker) -> None:
+    def __init__(self, owner: ConsecutiveBreaker) -> None:
         self._owner = owner
 
     def state_change(self, cb: object, old_state: object, new_state: object) -> None:
         self._owner._changed(getattr(new_state, "name", CLOSED))
 
 
-class Breaker:
-    """Admission and outcome accounting for one upstream.
+class ConsecutiveBreaker:
+    """Opens after `fail_max` consecutive failures (a `proxy.upstream.modules.Breaker`)."""
 
-    Read-only attributes for /ready and metrics: `current_state` ("closed", "open",
-    "half-open"), `fail_counter`, `trips` (times opened), `rejected` (calls failed fast).
-    """
+    settings_class: ClassVar[type[Any]] = ConsecutiveSettings
 
     def __init__(
         self,
@@ -79,6 +91,16 @@ class Breaker:
             name=name,
             throw_new_error_on_trip=False,
             listeners=[_Mirror(self)],
+        )
+
+    @classmethod
+    def from_settings(cls, name: str, settings: ConsecutiveSettings) -> ConsecutiveBreaker:
+        return cls(
+            name,
+            # Disabled: a breaker that never opens keeps one code path for both.
+            fail_max=settings.fail_max if settings.enabled else 2**62,
+            reset_timeout=settings.reset_timeout,
+            half_open_max=settings.half_open_max,
         )
 
     @property
@@ -129,8 +151,8 @@ class Breaker:
         self._probe_expiry = now + self.reset_timeout
         return True
 
-    def success(self, probe: bool) -> None:
-        """The upstream answered (any status below 500)."""
+    def success(self, probe: bool, elapsed: float = 0.0) -> None:
+        """The upstream answered (any status below 500); how fast does not matter here."""
         if not probe and self._closed and not self._dirty:
             return  # the hot path: closed, nothing on record to reset
         if probe:

@@ -1,29 +1,22 @@
-"""The engine-facing HTTP clients, and the one boundary that translates their transport errors.
+"""The engine-facing HTTP clients (their transport errors are mapped in proxy.core.transport).
 
-The hot path (completions) uses `proxy.upstream.wire.WireClient`: the subset of httpx's API the
-forwarder needs, on vgate's own HTTP/1.1 pool (why: proxy/wire.py). Anything that speaks the
-same subset (`httpx.AsyncClient` itself, e.g. over a respx router in unit tests) can take its
-place.
+The hot path uses `proxy.upstream.wire.WireClient`: the subset of httpx's API the forwarder
+needs, on vgate's own HTTP/1.1 pool (why: proxy/upstream/wire.py). An injected httpx transport
+(unit tests over a respx router or a MockTransport) selects real httpx instead, behind the same
+`UpstreamClient` protocol.
 
 The control plane (health probes, metrics scrapes, /tokenize) is not hot and uses httpx.
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Mapping
-from typing import Any, Protocol
+from typing import Protocol
 
 import httpx
 
 from proxy.core.config import UpstreamConfig
-from proxy.core.errors import (
-    UpstreamError,
-    UpstreamStreamBroken,
-    UpstreamTimeout,
-    UpstreamUnreachable,
-)
-from proxy.upstream.wire import WireClient, WireConnectError, WireConnectTimeout, WireError
+from proxy.upstream.wire import Tls, WireClient
 
 
 class UpstreamResponse(Protocol):
@@ -31,6 +24,8 @@ class UpstreamResponse(Protocol):
     def status_code(self) -> int: ...
     @property
     def headers(self) -> Mapping[str, str]: ...
+    @property
+    def content_type(self) -> str: ...
     async def aread(self) -> bytes: ...
     def aiter_raw(self) -> AsyncIterator[bytes]: ...
     async def aclose(self) -> None: ...
@@ -41,10 +36,70 @@ class UpstreamClient(Protocol):
 
     # The request object is opaque: whatever build_request made, send takes back.
     def build_request(
-        self, method: str, url: str, *, content: bytes, headers: dict[str, str]
-    ) -> Any: ...
-    async def send(self, request: Any, *, stream: bool = ...) -> UpstreamResponse: ...
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes,
+        headers: dict[str, str],
+        tls: Tls | None = None,
+    ) -> object: ...
+    async def send(self, request: object) -> UpstreamResponse: ...
     async def aclose(self) -> None: ...
+
+
+class HttpxUpstream:
+    """httpx behind `UpstreamClient`, for tests that inject a transport (no TLS of its own:
+    the transport decides what a URL reaches)."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self._client = client
+
+    def build_request(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes,
+        headers: dict[str, str],
+        tls: Tls | None = None,
+    ) -> httpx.Request:
+        return self._client.build_request(method, url, content=content, headers=headers)
+
+    async def send(self, request: object) -> _HttpxResponse:
+        assert isinstance(request, httpx.Request)
+        return _HttpxResponse(await self._client.send(request, stream=True))
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+
+class _HttpxResponse:
+    """An httpx response behind `UpstreamResponse` (httpx has no `content_type` of its own)."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+
+    @property
+    def status_code(self) -> int:
+        return self._response.status_code
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        return self._response.headers
+
+    @property
+    def content_type(self) -> str:
+        return str(self._response.headers.get("content-type", "application/json"))
+
+    async def aread(self) -> bytes:
+        return await self._response.aread()
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
 
 
 def make_client(
@@ -57,7 +112,7 @@ def make_client(
             connect_timeout=cfg.connect_timeout,
             keepalive_expiry=cfg.keepalive_expiry,
         )
-    return make_control_client(cfg, transport)
+    return HttpxUpstream(make_control_client(cfg, transport))
 
 
 def make_control_client(
@@ -73,41 +128,3 @@ def make_control_client(
         follow_redirects=False,
         trust_env=False,
     )
-
-
-class upstream_errors:
-    """Translate transport errors (httpx's and proxy.upstream.wire's) into vgate errors, in one
-    place.
-
-    `started` says whether response bytes already reached the client: then any failure is a
-    broken stream, whatever its cause. A class rather than @contextmanager: it is entered
-    several times per request on the hot path, and a generator per entry costs more.
-    """
-
-    __slots__ = ("_started", "_target")
-
-    def __init__(self, target: str, *, started: bool = False) -> None:
-        self._target = target
-        self._started = started
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
-    ) -> None:
-        if exc is None or not isinstance(exc, TimeoutError | httpx.TransportError | WireError):
-            return
-        target = self._target
-        if self._started:
-            raise UpstreamStreamBroken("The upstream connection failed mid-response.") from exc
-        if isinstance(
-            exc,
-            httpx.ConnectTimeout | httpx.PoolTimeout | WireConnectTimeout,
-        ):
-            raise UpstreamUnreachable(f"Upstream {target} did not accept a connection.") from exc
-        if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
-            raise UpstreamTimeout(f"Upstream {target} timed out.") from exc
-        if isinstance(exc, httpx.ConnectError | WireConnectError):
-            raise UpstreamUnreachable(f"Upstream {target} is unreachable.") from exc
-        raise UpstreamError(f"Upstream {target} failed: {type(exc).__name__}.") from exc

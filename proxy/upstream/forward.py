@@ -1,15 +1,16 @@
 """The pipeline's endpoint: choose an upstream, send, retry or fail over, hand back the answer.
 
-Per request: walk the model's chain (its own upstreams, then its fallback models) for the least
-busy upstream whose breaker admits a call; take a slot on it (or wait, bounded:
-proxy.upstream.admission);
-send. A transport error, timeout or 5xx before the first byte reaches the client is counted by
-that upstream's breaker and, while attempts, the deadline and the shared retry budget allow, the
-request moves to another upstream (or backs off and retries the same one). Once a byte has gone
-to the client nothing is retried: a failure then ends the stream with an error event.
+Per request a `Plan` holds what all its attempts share: the chain of models (its own, then its
+fallbacks), the deadline, the affinity key, the KV-cache limit. Each attempt takes a `Lease` on
+the balancer's choice among eligible upstreams (a slot, and a probe while the breaker is
+half-open; waiting for a slot is bounded: proxy.upstream.admission), then sends
+(proxy.upstream.attempt). A transport error, timeout or 5xx before the first byte reaches the
+client is counted by that upstream's breaker and, while the retry policy allows, the request
+moves to another upstream (or backs off and retries the same one). Once a byte has gone to the
+client nothing is retried: a failure then ends the stream with an error event.
 
-One attempt (the HTTP exchange, the stream peek and relay) is `attempt`; the choice of upstream
-is `balance`; slots and queueing `admission`; the breaker `breaker` (all in proxy.upstream).
+The balancer, the breakers, the retry policy and the fallback chains are modules
+(proxy.upstream.modules); this file only sequences them.
 """
 
 from __future__ import annotations
@@ -17,10 +18,9 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Any
 
-from engine.client.monitor import EngineMonitor
-from proxy.core.config import ResilienceConfig
+from proxy.core.api import StreamState
+from proxy.core.config import BackpressureConfig
 from proxy.core.errors import (
     CircuitOpen,
     ContextLengthExceeded,
@@ -30,70 +30,39 @@ from proxy.core.errors import (
     UpstreamUnreachable,
 )
 from proxy.core.pipeline import ProxyRequest, ProxyResponse
-from proxy.upstream.admission import Admission
 from proxy.upstream.attempt import Lease, Sender, timed_out
-from proxy.upstream.balance import Choice, affinity_key, choose, pick
-from proxy.upstream.breaker import Breaker
+from proxy.upstream.balance import Choice, affinity_key, choose
 from proxy.upstream.client import UpstreamClient
-from proxy.upstream.retry import RetryBudget, backoff
+from proxy.upstream.model import ModelRoute, Upstream
+from proxy.upstream.modules import Balancer, RetryPolicy
 
 _MAX_ROUNDS = 32
 
 
-class Upstream:
-    """One engine serving one model: where it is, what it calls the model, how busy it is.
+@dataclass(slots=True)
+class Plan:
+    """One request's attempts: what they share, and what the failed ones taught."""
 
-    Plain attributes for /ready and metrics: `inflight`, `queued`, `attempts`, `failures`,
-    `breaker.current_state`.
-    """
-
-    def __init__(
-        self,
-        label: str,
-        base_url: str,
-        served_name: str,
-        monitor: EngineMonitor,
-        *,
-        breaker: Breaker | None = None,
-        api_key: str | None = None,
-    ) -> None:
-        self.label = label  # as configured ("engine:tiny" or the URL): safe for headers, logs
-        self.label_bytes = label.encode()
-        self.base_url = base_url
-        self.served_name = served_name
-        self.monitor = monitor
-        # The engine's own key (the proxy's, never the client's), sent as Authorization.
-        self.auth = f"Bearer {api_key}" if api_key else None
-        self.breaker = breaker if breaker is not None else Breaker(label)
-        self.admission: Admission | None = None  # the model's waiting room (ModelRoute.add)
-        self.inflight = 0
-        self.attempts = 0  # requests sent, retries included
-        self.failures = 0  # attempts that failed (transport, timeout, 5xx)
-
-    def __repr__(self) -> str:
-        return f"Upstream({self.label!r}, inflight={self.inflight})"
-
-    @property
-    def queued(self) -> int:
-        """Requests waiting for a slot on this model's upstreams."""
-        return self.admission.waiting if self.admission is not None else 0
+    request: ProxyRequest
+    chain: list[ModelRoute]
+    deadline: float
+    key: int | None  # prefix affinity: which conversation this is
+    kv_limit: float | None  # shed above this KV-cache usage (None: never, a protected key)
+    priority: int
+    state: StreamState  # how the stream is relayed (decided once, from the client's body)
+    overflow: bool  # a "prompt too long" 400 may move the request to a longer model
+    tried: list[Upstream] = field(default_factory=list)
+    failure: UpstreamError | None = None
+    attempts: int = 0
 
 
-@dataclass(eq=False)
-class ModelRoute:
-    name: str
-    upstreams: list[Upstream] = field(default_factory=list)
-    admission: Admission = field(default_factory=Admission)
+@dataclass(frozen=True)
+class Modules:
+    """The attempt-level modules of one runtime (built by proxy.upstream.registry)."""
 
-    def add(self, upstream: Upstream) -> None:
-        upstream.admission = self.admission
-        self.upstreams.append(upstream)
-
-    def pick(self) -> Upstream:
-        """Least outstanding requests among available upstreams (any, if none is): the
-        balancer's choice without affinity or queues, for side calls such as /tokenize."""
-        chosen = pick(self.upstreams, Choice())
-        return chosen or min(self.upstreams, key=lambda u: u.inflight)
+    balancer: Balancer
+    retry: RetryPolicy
+    chains: dict[str, list[ModelRoute]]  # per model: itself, then its fallbacks in order
 
 
 class Forwarder:
@@ -102,109 +71,102 @@ class Forwarder:
     def __init__(
         self,
         client: UpstreamClient,
-        routes: dict[str, ModelRoute],
-        resilience: ResilienceConfig | None = None,
-        chains: dict[str, list[str]] | None = None,
+        modules: Modules,
+        backpressure: BackpressureConfig,
+        *,
+        affinity_messages: int = 0,
+        max_event_bytes: int = 4 * 1024 * 1024,
     ) -> None:
-        self._routes = routes
-        self._sender = Sender(client)
-        cfg = resilience or ResilienceConfig()
-        self._retry = cfg.retry
-        self._backpressure = cfg.backpressure
-        self._affinity = cfg.affinity_messages if cfg.affinity == "prefix" else 0
-        self.budget = RetryBudget(cfg.retry.budget_ratio, cfg.retry.budget_min)
-        chains = chains or {name: [name] for name in routes}
-        self._chains = {name: [routes[m] for m in models] for name, models in chains.items()}
-        # vLLM's "prompt too long" 400 becomes ContextLengthExceeded only where some other
-        # model may take the request (proxy.runtime.context_fallback); elsewhere it passes through
-        # unchanged.
-        self._overflow = {name for name, models in chains.items() if len(models) > 1}
+        self._sender = Sender(client, max_event_bytes)
+        self._modules = modules
+        self.retry = self._retry = modules.retry  # public for metrics and tests
+        self._balancer = modules.balancer
+        self._backpressure = backpressure
+        self._affinity = affinity_messages
 
     async def __call__(self, request: ProxyRequest) -> ProxyResponse:
-        budget = self.budget
-        budget.enter()
+        retry = self._retry
+        retry.enter()
         try:
             return await self._serve(request)
         finally:
-            budget.leave()
+            retry.leave()
 
-    async def _serve(self, request: ProxyRequest) -> ProxyResponse:
-        chain = self._chains[request.model]
-        retry = self._retry
-        deadline = time.monotonic() + retry.deadline
-        key = affinity_key(request.body, self._affinity) if self._affinity else None
+    def plan(self, request: ProxyRequest) -> Plan:
+        chain = self._modules.chains[request.model]
         priority = request.key.priority if request.key is not None else 0
         bp = self._backpressure
-        kv_limit = bp.kv_cache_threshold if priority < bp.protected_priority else None
-        tried: list[Upstream] = []
-        failure: UpstreamError | None = None
-        attempt = 0
-        # Decided once: a retry must not mistake our own include_usage for the client's.
-        strip_usage = request.stream and not _wants_usage(request.body)
+        return Plan(
+            request=request,
+            chain=chain,
+            deadline=time.monotonic() + self._retry.deadline,
+            key=affinity_key(request.body, self._affinity) if self._affinity else None,
+            kv_limit=bp.kv_cache_threshold if priority < bp.protected_priority else None,
+            priority=priority,
+            state=request.api.prepare(request.body, request.stream),
+            # vLLM's "prompt too long" 400 becomes ContextLengthExceeded only where another
+            # model may take the request (proxy.runtime.context_fallback).
+            overflow=len(chain) > 1,
+        )
+
+    async def _serve(self, request: ProxyRequest) -> ProxyResponse:
+        plan = self.plan(request)
+        retry = self._retry
+        outcome = request.outcome
         while True:
-            lease = await self._lease(
-                request, chain, tried, failure, attempt, deadline, key, kv_limit, priority
-            )
-            attempt += 1
+            lease = await self._lease(plan)
+            plan.attempts += 1
             try:
-                response = await self._attempt(lease, request, strip_usage)
+                response = await self._attempt(lease, plan)
             except UpstreamError as exc:
-                failure = exc
-                tried.append(lease.upstream)
+                plan.failure = exc
+                plan.tried.append(lease.upstream)
                 if (
-                    attempt >= retry.attempts
-                    or time.monotonic() >= deadline
-                    or not (_free_failover(exc, chain, tried) or self.budget.spend())
+                    plan.attempts >= retry.attempts
+                    or time.monotonic() >= plan.deadline
+                    or not retry.allow(_free_failover(exc, plan))
                 ):
-                    if attempt > 1:
-                        request.outcome["retries"] = attempt - 1
+                    if plan.attempts > 1:
+                        outcome.retries = plan.attempts - 1
                     raise
                 continue
-            if attempt > 1:
-                request.outcome["retries"] = attempt - 1
-            if lease.route is not chain[0]:
-                request.outcome["fallback"] = _reason(failure, chain[0])
+            if plan.attempts > 1:
+                outcome.retries = plan.attempts - 1
+            if lease.route is not plan.chain[0]:
+                outcome.fallback = _reason(plan.failure, plan.chain[0])
             request.served_by = f"{lease.upstream.label} {lease.route.name}"
             return response
 
-    async def _lease(
-        self,
-        request: ProxyRequest,
-        chain: list[ModelRoute],
-        tried: list[Upstream],
-        failure: UpstreamError | None,
-        attempt: int,
-        deadline: float,
-        key: int | None,
-        kv_limit: float | None,
-        priority: int,
-    ) -> Lease:
+    async def _lease(self, plan: Plan) -> Lease:
         """Choose an upstream and hold a slot (and a probe) on it, or raise why not."""
         refused: list[Upstream] = []
         slept = False
+        outcome = plan.request.outcome
         # Each round either returns or excludes one more upstream (or sleeps once): bounded.
         for _ in range(_MAX_ROUNDS):
             choice = Choice()
-            route = choose(chain, choice, tried, refused, key, kv_limit)
+            route = choose(
+                plan.chain, choice, plan.tried, refused, plan.key, plan.kv_limit, self._balancer
+            )
             upstream = choice.upstream
             if route is None or upstream is None:
-                if failure is not None:
-                    raise failure
+                if plan.failure is not None:
+                    raise plan.failure
                 if choice.kv_blocked:
-                    raise chain[0].admission.refuse(request.outcome, "kv_cache")
-                raise _circuit_open(chain, request)
-            if upstream in tried and not slept:
+                    raise plan.chain[0].admission.refuse(outcome, "kv_cache")
+                raise _circuit_open(plan)
+            if upstream in plan.tried and not slept:
                 # Only the upstreams that already failed us are left: back off first.
-                delay = backoff(attempt, self._retry.backoff_base, self._retry.backoff_max)
-                if failure is not None and time.monotonic() + delay >= deadline:
-                    raise failure
+                delay = self._retry.backoff(plan.attempts)
+                if plan.failure is not None and time.monotonic() + delay >= plan.deadline:
+                    raise plan.failure
                 await asyncio.sleep(delay)
                 slept = True
                 continue
             admission = route.admission
             if not admission.take(upstream):
-                limit = max(0.0, deadline - time.monotonic())
-                upstream = await admission.wait(request.outcome, priority, limit)
+                limit = max(0.0, plan.deadline - time.monotonic())
+                upstream = await admission.wait(outcome, plan.priority, limit)
             try:
                 probe = upstream.breaker.admit()
             except CircuitOpen:
@@ -212,24 +174,26 @@ class Forwarder:
                 refused.append(upstream)
                 continue
             return Lease(route, upstream, probe)
-        raise failure or _circuit_open(chain, request)
+        raise plan.failure or _circuit_open(plan)
 
-    async def _attempt(
-        self, lease: Lease, request: ProxyRequest, strip_usage: bool
-    ) -> ProxyResponse:
+    async def _attempt(self, lease: Lease, plan: Plan) -> ProxyResponse:
         """One upstream attempt with its accounting: breaker outcome, slot, counters."""
         upstream = lease.upstream
         upstream.attempts += 1
-        overflow = request.model in self._overflow
+        request = plan.request
+        # Each attempt relays with its own state: a retry starts its stream afresh.
+        state = plan.state
+        if plan.attempts > 1:
+            state = plan.state = StreamState(strip_usage=state.strip_usage)
         send = self._sender.send
         try:
             timeout = self._retry.attempt_timeout
             if timeout is None:
-                response = await send(upstream, request, lease, strip_usage, overflow)
+                response = await send(request, lease, state, plan.overflow)
             else:
                 try:
                     async with asyncio.timeout(timeout):
-                        response = await send(upstream, request, lease, strip_usage, overflow)
+                        response = await send(request, lease, state, plan.overflow)
                 except TimeoutError:
                     raise UpstreamTimeout(
                         f"Upstream {upstream.label} sent nothing within the attempt timeout."
@@ -259,31 +223,27 @@ class Forwarder:
         return response
 
 
-def _free_failover(exc: UpstreamError, chain: list[ModelRoute], tried: list[Upstream]) -> bool:
+def _free_failover(exc: UpstreamError, plan: Plan) -> bool:
     """A refused connection never reached an engine: moving the request to an upstream not yet
     tried adds no engine load, so it is not paid from the retry budget (the breaker stops
     the dead upstream being tried after fail_max)."""
     if not isinstance(exc, UpstreamUnreachable):
         return False
-    return any(u not in tried for route in chain for u in route.upstreams)
+    return any(u not in plan.tried for route in plan.chain for u in route.upstreams)
 
 
-def _wants_usage(body: dict[str, Any]) -> bool:
-    options = body.get("stream_options")
-    return isinstance(options, dict) and options.get("include_usage") is True
-
-
-def _circuit_open(chain: list[ModelRoute], request: ProxyRequest) -> CircuitOpen:
+def _circuit_open(plan: Plan) -> CircuitOpen:
     waits = []
-    for route in chain:
+    for route in plan.chain:
         for u in route.upstreams:
             if not u.breaker.allows():
                 u.breaker.rejected += 1
                 waits.append(u.breaker.retry_in())
-    request.outcome["breaker"] = "open"
+    plan.request.outcome.breaker = "open"
     wait = max(1, round(min(waits))) if waits else 1
     return CircuitOpen(
-        f"No upstream of model `{request.model}` can take requests now (circuit breaker open).",
+        f"No upstream of model `{plan.request.model}` can take requests now "
+        "(circuit breaker open).",
         headers={"retry-after": str(wait)},
     )
 

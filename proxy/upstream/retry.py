@@ -12,6 +12,10 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from proxy.core.binder import check, non_negative, positive
 
 
 class RetryBudget:
@@ -59,3 +63,53 @@ def backoff(
     """
     bound = base * (2.0 ** (retry - 1))
     return rand(0.0, bound if bound < cap else cap)
+
+
+@dataclass(frozen=True, kw_only=True)
+class BudgetedSettings:
+    """`[resilience.retry]` with `kind = "budgeted"` (the default)."""
+
+    # Upstream attempts per request, failovers included (1: never a second attempt).
+    attempts: int = check(positive, 3)
+    # No retry or backoff starts later than this many seconds after the first attempt.
+    deadline: float = check(positive, 30.0)
+    # Per attempt, until the first byte (non-streaming: the whole answer); None: only the
+    # request's upstream.first_byte_timeout applies, and a timeout is not retried.
+    attempt_timeout: float | None = check(lambda v: None if v is None else positive(v), None)
+    backoff_base: float = check(positive, 0.025)
+    backoff_max: float = check(positive, 0.25)
+    # Extra attempts are paid from a budget: `budget_min` plus `budget_ratio` per request.
+    budget_ratio: float = check(non_negative, 0.2)
+    budget_min: int = check(non_negative, 3)
+
+
+class BudgetedRetry(RetryBudget):
+    """Retries before the first byte, paid from its own `RetryBudget`, with jittered backoff
+    (a `proxy.upstream.modules.RetryPolicy`). A subclass, not a wrapper: `enter` and `leave`
+    run for every request."""
+
+    __slots__ = ("_base", "_cap", "attempt_timeout", "attempts", "deadline")
+    settings_class: ClassVar[type[Any]] = BudgetedSettings
+
+    def __init__(self, settings: BudgetedSettings) -> None:
+        super().__init__(settings.budget_ratio, settings.budget_min)
+        self.attempts = settings.attempts
+        self.deadline = settings.deadline
+        self.attempt_timeout = settings.attempt_timeout
+        self._base = settings.backoff_base
+        self._cap = settings.backoff_max
+
+    @classmethod
+    def from_settings(cls, settings: BudgetedSettings) -> BudgetedRetry:
+        return cls(settings)
+
+    @property
+    def budget(self) -> RetryBudget:
+        """The budget the extra attempts are paid from (this object itself)."""
+        return self
+
+    def allow(self, free: bool) -> bool:
+        return free or self.spend()
+
+    def backoff(self, attempt: int) -> float:
+        return backoff(attempt, self._base, self._cap)

@@ -1,130 +1,88 @@
-"""Server-sent events, handled at event granularity without parsing what nobody needs.
+"""Server-sent events cut at event boundaries, at a cost linear in the bytes, with bounded memory.
 
-The upstream's bytes are relayed as they arrive, cut only at event boundaries so a policy never
-sees half an event (upstreams split events anywhere: inside UTF-8, between `\\r` and `\\n`). Only
-the usage event (`"choices":[]` plus `"usage"`, just before `[DONE]`) is ever decoded.
+Upstreams split events anywhere (inside UTF-8, between `\\r` and `\\n`); the relay hands the
+route family only whole events, so it never sees half of a usage event or of a terminator. Each
+chunk is searched once for the last boundary (plus the few bytes before it, where a boundary
+may straddle two chunks); an unfinished event is kept as a list of chunks and joined once, when
+it completes. So a 40 MB event costs one pass over 40 MB, not one per chunk, and one stream holds
+at most `limit` bytes of an unfinished event: beyond that the stream is broken off.
 """
 
 from __future__ import annotations
 
-import re
-from collections.abc import AsyncIterator
-from typing import Any
-
-import orjson
-
-from proxy.core.pipeline import ProxyRequest
+from proxy.core.errors import UpstreamStreamBroken
 
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
-# A usage *object* (not `"usage": null`): found by one C-level scan per block.
-_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
-_EMPTY_CHOICES = b'"choices":[]'
+# A boundary is at most 4 bytes: at most 3 of them can sit at the end of the previous chunk.
+_STRADDLE = 3
 
 
-def _last_boundary(buf: bytes) -> int:
-    """Index just past the last complete event in `buf`, or 0."""
+class EventTooLarge(UpstreamStreamBroken):
+    """One event of the upstream's stream grew beyond the bound the proxy holds."""
+
+
+def last_boundary(buf: bytes, start: int = 0) -> int:
+    """Index just past the last complete event in `buf[start:]`, or 0 when there is none."""
     end = 0
     for sep in _BOUNDARIES:
-        i = buf.rfind(sep)
-        if i >= 0:
-            end = max(end, i + len(sep))
+        i = buf.rfind(sep, start)
+        if i >= 0 and i + len(sep) > end:
+            end = i + len(sep)
     return end
 
 
-def _event_around(block: bytes, at: int) -> tuple[int, int]:
-    """The bounds of the event containing index `at` of `block` (which ends at a boundary)."""
-    start, end = 0, len(block)
-    for sep in _BOUNDARIES:
-        i = block.rfind(sep, 0, at)
-        if i >= 0:
-            start = max(start, i + len(sep))
-        j = block.find(sep, at)
-        if j >= 0:
-            end = min(end, j + len(sep))
-    return start, end
+class Framer:
+    """Feeds chunks, returns whole events; holds the unfinished rest (at most `limit` bytes)."""
 
+    __slots__ = ("_limit", "_pending", "_size")
 
-def _event_data(event: bytes) -> bytes:
-    data = event.strip()
-    return data[5:].lstrip() if data.startswith(b"data:") else b""
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._pending: list[bytes] = []
+        self._size = 0
 
-
-class UsageTap:
-    """Relays an SSE byte stream by whole events and captures the final usage event.
-
-    The usage object lands in `request.usage`, for policies that wrap the stream further out.
-    With `strip`, the usage-only event is dropped: the proxy asked the upstream for usage
-    although the client did not.
-    """
-
-    def __init__(self, stream: AsyncIterator[bytes], request: ProxyRequest, *, strip: bool) -> None:
-        self._stream = stream
-        self._request = request
-        self._strip = strip
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        pending = b""
-        try:
-            async for chunk in self._stream:
-                buf = pending + chunk if pending else chunk
-                cut = _last_boundary(buf)
-                if cut == 0:
-                    pending = buf
-                    continue
-                complete, pending = buf[:cut], buf[cut:]
-                if b'"usage"' in complete:
-                    complete = self._take_usage(complete)
-                if complete:
-                    yield complete
-            if pending:
-                yield pending
-        finally:
-            aclose = getattr(self._stream, "aclose", None)
-            if aclose is not None:
-                await aclose()
-
-    def _take_usage(self, block: bytes) -> bytes:
-        # Linear in the block whatever its size (a slow reader can batch a whole stream): only
-        # the events around a usage object are looked at, the last one first.
-        for match in reversed(list(_USAGE_OBJECT.finditer(block))):
-            start, end = _event_around(block, match.start())
-            event = block[start:end]
-            if _EMPTY_CHOICES not in event.replace(b" ", b""):
-                continue  # per-chunk usage stats on a token event: not the final usage
-            try:
-                payload = orjson.loads(_event_data(event))
-            except orjson.JSONDecodeError:
-                continue
-            if isinstance(payload, dict) and isinstance(payload.get("usage"), dict):
-                self._request.usage = payload["usage"]
-                if self._strip:
-                    return block[:start] + block[end:]
-                return block
+    def feed(self, chunk: bytes) -> bytes:
+        """The complete events that `chunk` finishes (b"" when it finishes none)."""
+        if not self._pending:
+            cut = last_boundary(chunk)
+            if cut == len(chunk):
+                return chunk  # the common case: a chunk of whole events, passed as it is
+            if cut:
+                self._pending.append(chunk[cut:])
+                self._size = len(chunk) - cut
+                return chunk[:cut]
+            self._hold(chunk)
+            return b""
+        tail = self._pending[-1][-_STRADDLE:]
+        joined = tail + chunk[: 4 + _STRADDLE]
+        cut = last_boundary(chunk)
+        if not cut:
+            # Only a boundary straddling the two chunks is left to look for.
+            near = last_boundary(joined)
+            cut = near - len(tail) if near > len(tail) else 0
+        if not cut:
+            self._hold(chunk)
+            return b""
+        self._pending.append(chunk[:cut])
+        block = b"".join(self._pending)
+        rest = chunk[cut:]
+        self._pending = [rest] if rest else []
+        self._size = len(rest)
         return block
 
+    def rest(self) -> bytes:
+        """What is left at the end of the stream (an unfinished event), and forget it."""
+        block = b"".join(self._pending)
+        self._pending = []
+        self._size = 0
+        return block
 
-# The usage object with at most one level of nesting (`prompt_tokens_details`): parsing it
-# alone is a fraction of parsing a whole completion.
-_USAGE_VALUE = re.compile(rb'"usage"\s*:\s*(\{[^{}]*(?:\{[^{}]*\}[^{}]*)*\})')
-
-
-def usage_of(body: bytes) -> dict[str, Any] | None:
-    """The `usage` object of a whole (non-streaming) completion body, if any.
-
-    The last match is the top-level one: vLLM writes `usage` after `choices`, and a `"usage"`
-    inside generated text is escaped (`\\"usage\\"`), so it cannot match.
-    """
-    matches = _USAGE_VALUE.findall(body)
-    if matches:
-        try:
-            usage = orjson.loads(matches[-1])
-        except orjson.JSONDecodeError:
-            usage = None
-        if isinstance(usage, dict):
-            return usage
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    found = payload.get("usage") if isinstance(payload, dict) else None
-    return found if isinstance(found, dict) else None
+    def _hold(self, chunk: bytes) -> None:
+        self._pending.append(chunk)
+        self._size += len(chunk)
+        if self._size > self._limit:
+            self._pending = []
+            raise EventTooLarge(
+                f"An event of the upstream's stream exceeded {self._limit} bytes; "
+                "the stream was stopped."
+            )

@@ -17,11 +17,21 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import ssl
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
+
+from proxy.core.transport import (
+    ConnectFailed,
+    ConnectionClosed,
+    ConnectTimedOut,
+    ProtocolViolation,
+    TransportError,
+)
 
 # A streamed response whose reader (the client of the proxy) falls behind stops reading the
 # upstream socket at the high-water mark: a slow client costs at most this much memory, and the
@@ -31,24 +41,13 @@ _HIGH_WATER = 256 * 1024
 _CONCAT_MAX = 64 * 1024
 
 
-class WireError(Exception):
-    """The upstream connection failed; `proxy.upstream.client.upstream_errors` maps these."""
-
-
-class WireConnectError(WireError):
-    """Connecting failed: refused, unreachable, unknown host."""
-
-
-class WireConnectTimeout(WireError):
-    """No connection within the connect timeout (connecting, or waiting for a pool slot)."""
-
-
-class WireProtocolError(WireError):
-    """The upstream sent something that is not an HTTP/1.1 response."""
-
-
-class WireClosed(WireError):
-    """The connection ended before the response did."""
+# The kernel's transport errors under the names this module has always used: what the wire
+# client raises is what `proxy.core.transport.upstream_errors` maps.
+WireError = TransportError
+WireConnectError = ConnectFailed
+WireConnectTimeout = ConnectTimedOut
+WireProtocolError = ProtocolViolation
+WireClosed = ConnectionClosed
 
 
 class WireRequest:
@@ -89,6 +88,15 @@ class WireResponse:
         self._done = False
         self._error: WireError | None = None
         self._waiter: asyncio.Future[None] | None = None
+
+    @property
+    def content_type(self) -> str:
+        """The response's content-type (what the proxy relays), without decoding every header:
+        read for every answer, while `headers` is for the rare caller that wants them all."""
+        for name, value in self._raw_headers:
+            if len(name) == 12 and name.lower() == b"content-type":
+                return value.decode("latin-1")
+        return "application/json"
 
     @property
     def headers(self) -> Mapping[str, str]:
@@ -241,11 +249,16 @@ class _Conn(asyncio.Protocol):
         self.response = None
         self.close()
 
-    def close(self) -> None:
+    def close(self, *, abort: bool = False) -> None:
         if not self.closed:
             self.closed = True
             if self._transport is not None:
-                self._transport.close()
+                if abort:
+                    # No graceful end (a TLS close_notify needs more loop turns than a
+                    # client being closed has: uvloop refuses to close a loop mid-shutdown).
+                    self._transport.abort()
+                else:
+                    self._transport.close()
             self._pool.discard(self)
 
     # -- asyncio.Protocol -----------------------------------------------------------------
@@ -336,10 +349,17 @@ class _Pool:
     """Connections to one host:port: idle ones reused newest first, at most `limit` in use."""
 
     def __init__(
-        self, host: str, port: int, limit: int, connect_timeout: float, expiry: float
+        self,
+        host: str,
+        port: int,
+        limit: int,
+        connect_timeout: float,
+        expiry: float,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self._ssl = ssl_context
         self._limit = limit
         self._connect_timeout = connect_timeout
         self._expiry = expiry
@@ -385,11 +405,17 @@ class _Pool:
         self._busy += 1
         try:
             async with asyncio.timeout(self._connect_timeout):
-                _, conn = await loop.create_connection(lambda: _Conn(self), self.host, self.port)
+                _, conn = await loop.create_connection(
+                    lambda: _Conn(self),
+                    self.host,
+                    self.port,
+                    ssl=self._ssl,
+                    server_hostname=self.host if self._ssl is not None else None,
+                )
         except TimeoutError:
             self._vacate()
             raise WireConnectTimeout(f"no connection within {self._connect_timeout:g} s") from None
-        except OSError as exc:
+        except OSError as exc:  # ssl.SSLError (a certificate refused) is an OSError too
             self._vacate()
             raise WireConnectError(str(exc) or type(exc).__name__) from None
         except BaseException:
@@ -465,11 +491,32 @@ class _Pool:
 
     def close(self) -> None:
         for conn in self._idle[:]:
-            conn.close()
+            conn.close(abort=True)
+
+
+@dataclass(frozen=True)
+class Tls:
+    """How to authenticate an https:// upstream: the system trust store unless `ca_file`
+    names a PEM bundle; `verify = False` encrypts without checking certificate or host name."""
+
+    ca_file: str | None = None
+    verify: bool = True
+
+    def context(self) -> ssl.SSLContext:
+        ctx = ssl.create_default_context(cafile=self.ca_file)
+        if not self.verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        # Plain HTTP/1.1 inside TLS: no ALPN negotiation of h2 (the parser speaks 1.1 only).
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+
+_SYSTEM_TLS = Tls()
 
 
 class WireClient:
-    """`build_request`/`send`/`aclose` (httpx's names) over one pool per upstream host:port."""
+    """`build_request`/`send`/`aclose` (httpx's names) over one pool per upstream origin."""
 
     def __init__(
         self, *, max_connections: int, connect_timeout: float, keepalive_expiry: float
@@ -477,23 +524,34 @@ class WireClient:
         self._limit = max_connections
         self._connect_timeout = connect_timeout
         self._expiry = keepalive_expiry
-        self._pools: dict[tuple[str, int], _Pool] = {}
-        # url -> (pool, request line and host header): the forwarder sends to a handful of URLs.
-        self._targets: dict[str, tuple[_Pool, str]] = {}
+        self._pools: dict[tuple[str, int, Tls | None], _Pool] = {}
+        # (method url, tls) -> (pool, request line and host header): the forwarder sends to a
+        # handful of URLs.
+        self._targets: dict[tuple[str, Tls | None], tuple[_Pool, str]] = {}
+        self._contexts: dict[Tls, ssl.SSLContext] = {}
 
-    def _target(self, method: str, url: str) -> tuple[_Pool, str]:
-        key = f"{method} {url}"
+    def _target(self, method: str, url: str, tls: Tls | None) -> tuple[_Pool, str]:
+        key = (f"{method} {url}", tls)
         target = self._targets.get(key)
         if target is not None:
             return target
         parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname:
-            raise WireConnectError(f"only http:// upstream URLs are supported, not {url!r}")
-        port = parts.port or 80
-        pool = self._pools.get((parts.hostname, port))
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise WireConnectError(f"not an http:// or https:// upstream URL: {url!r}")
+        secure = parts.scheme == "https"
+        if secure and tls is None:
+            tls = _SYSTEM_TLS
+        elif not secure:
+            tls = None  # TLS settings of a plain http:// upstream mean nothing (config refuses)
+        port = parts.port or (443 if secure else 80)
+        origin = (parts.hostname, port, tls)
+        pool = self._pools.get(origin)
         if pool is None:
-            pool = _Pool(parts.hostname, port, self._limit, self._connect_timeout, self._expiry)
-            self._pools[(parts.hostname, port)] = pool
+            context = self._context(tls) if tls is not None else None
+            pool = _Pool(
+                parts.hostname, port, self._limit, self._connect_timeout, self._expiry, context
+            )
+            self._pools[origin] = pool
         path = parts.path or "/"
         if parts.query:
             path = f"{path}?{parts.query}"
@@ -502,19 +560,32 @@ class WireClient:
             self._targets[key] = target
         return target
 
-    def build_request(
-        self, method: str, url: str, *, content: bytes, headers: dict[str, str]
-    ) -> WireRequest:
-        pool, start = self._target(method, url)
-        lines = [start, f"content-length: {len(content)}\r\n"]
-        for name, value in headers.items():
-            if "\n" in value or "\r" in value or "\n" in name or "\r" in name:
-                raise ValueError(f"line break in outbound header {name!r}")
-            lines.append(f"{name}: {value}\r\n")
-        lines.append("\r\n")
-        return WireRequest(pool, "".join(lines).encode("latin-1"), content)
+    def _context(self, tls: Tls) -> ssl.SSLContext:
+        # One context per distinct setting: building one reads the trust store (milliseconds).
+        context = self._contexts.get(tls)
+        if context is None:
+            context = self._contexts[tls] = tls.context()
+        return context
 
-    async def send(self, request: object, *, stream: bool = True) -> WireResponse:
+    def build_request(
+        self,
+        method: str,
+        url: str,
+        *,
+        content: bytes,
+        headers: dict[str, str],
+        tls: Tls | None = None,
+    ) -> WireRequest:
+        pool, start = self._target(method, url, tls)
+        fields = "".join([f"{name}: {value}\r\n" for name, value in headers.items()])
+        # One scan of all the fields: a line break in a name or value would start a header
+        # (or a request) of its own. Each field ends in exactly one CRLF: anything more is one.
+        if fields.count("\n") != len(headers) or fields.count("\r") != len(headers):
+            raise ValueError("line break in an outbound header")
+        head = f"{start}content-length: {len(content)}\r\n{fields}\r\n"
+        return WireRequest(pool, head.encode("latin-1"), content)
+
+    async def send(self, request: object) -> WireResponse:
         assert isinstance(request, WireRequest)
         return await request.pool.send(request.head, request.content)
 

@@ -197,8 +197,26 @@ def test_json_object_response_format(client: openai.OpenAI) -> None:
     )
     text = r.choices[0].message.content or ""
     assert text.lstrip().startswith(("{", "["))  # constrained decoding, even for noise weights
-    if r.choices[0].finish_reason == "stop":
-        json.loads(text)
+
+
+def test_json_schema_response_format_is_valid_json(client: openai.OpenAI) -> None:
+    # A schema with one possible value leaves the random weights no choice but to finish: the
+    # answer is complete JSON whatever the model would have said.
+    schema = {
+        "type": "object",
+        "properties": {"a": {"enum": ["x"]}},
+        "required": ["a"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model="tiny",
+        messages=[{"role": "user", "content": "Answer in JSON."}],
+        max_tokens=200,
+        seed=7,
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert r.choices[0].finish_reason == "stop"
+    assert json.loads(r.choices[0].message.content or "") == {"a": "x"}
 
 
 def test_vllm_extra_ignore_eos(client: openai.OpenAI) -> None:

@@ -12,8 +12,8 @@ import pytest
 
 from engine import launch
 from proxy.core.binder import ConfigError
-from proxy.core.config import from_dict
-from proxy.core.engines import EngineConfig
+from proxy.core.config import EngineConfig
+from proxy.runtime.load import from_dict
 
 MODULE = ["-m", "vllm.entrypoints.openai.api_server"]
 DEV_TOML = str(Path(__file__).resolve().parents[2] / "engine" / "dev.toml")

@@ -6,6 +6,7 @@ The same monitor runs against the real vLLM server in test_real_engine.py.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 
 import httpx
@@ -75,13 +76,13 @@ async def test_max_model_len_is_discovered_once_while_healthy() -> None:
     assert [r.url.path for r in engine.seen].count("/v1/models") == 1
 
 
-async def test_unhealthy_engine_and_recovery_notify_once_each() -> None:
+async def test_unhealthy_engine_and_recovery_are_logged_once_each(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     engine = Engine()
-    changes: list[bool | None] = []
+    caplog.set_level(logging.INFO, logger="vgate.engine")
     async with engine.client() as client:
-        mon = EngineMonitor(
-            client, "http://e", "tiny", on_health_change=lambda m: changes.append(m.healthy)
-        )
+        mon = EngineMonitor(client, "http://e", "tiny")
         engine.routes["/health"] = lambda: httpx.Response(503)
         await mon.check_health()
         await mon.check_health()
@@ -93,7 +94,8 @@ async def test_unhealthy_engine_and_recovery_notify_once_each() -> None:
         engine.routes["/health"] = lambda: httpx.Response(200)
         await mon.check_health()
     assert mon.healthy is True and mon.last_error is None and mon.max_model_len == 2048
-    assert changes == [False, True]
+    changes = [r.getMessage().split(" is ", 1)[1] for r in caplog.records]
+    assert [c.split(":")[0] for c in changes] == ["unhealthy", "healthy"]
 
 
 @pytest.mark.parametrize(

@@ -13,10 +13,10 @@ from typing import Any
 
 import uvicorn
 
-from proxy.core import config as config_module
 from proxy.core.config import Config
 from proxy.http.app import create_app
 from proxy.ops.server import uvicorn_config
+from proxy.runtime import load as config_module
 
 
 def proxy_config(upstream_url: str, **sections: dict[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,11 @@ fields untouched), merged over the server-wide `FakeVLLM.defaults`:
     error_event_after       stream: after N events, an error event then [DONE] (as vLLM does)
     split                   stream: "every_byte", a piece size, or a list of byte offsets;
     split_delay             the body is sent in those pieces with this delay between them
+    end_after_events        stream: after N events, end the response cleanly without [DONE]
+    framing                 stream: "chunked" (default) or "eof" (no Transfer-Encoding: the
+                            body ends when the connection closes, as HTTP/1.0 servers do)
+    endless_event           stream: after the first event, an event of this many bytes with
+                            no blank line (then the response ends)
     token_padding           stream: each generated token's text is followed by this many "."
                             (large events: a stream of many MiB in a few thousand events)
     flow_control            stream: write no event while the socket's send buffer is above its
@@ -44,6 +49,7 @@ import asyncio
 import contextlib
 import itertools
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -165,12 +171,19 @@ class FakeVLLM:
         keepalive_timeout: float = 5.0,
         defaults: dict[str, Any] | None = None,
         record: bool = True,
+        ssl_context: ssl.SSLContext | None = None,
+        guarded: tuple[str, ...] = ("/v1/",),
     ) -> None:
         self.host = host
+        # Serve https:// with this context (an engine behind TLS).
+        self.ssl_context = ssl_context
         self.port = port
         self.model = model
         self.max_model_len = max_model_len
         self.api_key = api_key
+        # The paths `api_key` guards: vLLM's --api-key guards /v1/ only; an engine behind an
+        # authenticating proxy may guard everything but /health.
+        self.guarded = guarded
         # Like uvicorn (vLLM's server): an idle keep-alive connection is closed after 5 s.
         self.keepalive_timeout = keepalive_timeout
         self.defaults: dict[str, Any] = dict(defaults or {})
@@ -192,13 +205,14 @@ class FakeVLLM:
     # -- lifecycle ------------------------------------------------------------------------
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        scheme = "https" if self.ssl_context is not None else "http"
+        return f"{scheme}://{self.host}:{self.port}"
 
     async def listen(self) -> asyncio.Server:
         """Start listening on the running loop (process mode, or from `start`)."""
         self._loop = asyncio.get_running_loop()
         self._server = await self._loop.create_server(
-            lambda: _Connection(self), self.host, self.port, backlog=1024
+            lambda: _Connection(self), self.host, self.port, backlog=1024, ssl=self.ssl_context
         )
         self.port = self._server.sockets[0].getsockname()[1]
         return self._server
@@ -598,7 +612,8 @@ class _Connection(asyncio.Protocol):
             self._simple(405, b'{"detail":"Method Not Allowed"}')
             return
         authorization = seen.headers.get("authorization")
-        if fake.api_key and path.startswith("/v1/") and authorization != f"Bearer {fake.api_key}":
+        guarded = path.startswith(fake.guarded)
+        if fake.api_key and guarded and authorization != f"Bearer {fake.api_key}":
             self._simple(401, b'{"error":"Unauthorized"}')
             return
         if path == "/health":
@@ -671,14 +686,14 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         response = self.response
         assert transport is not None and response is not None
-        self._write_head(
-            200,
-            [
-                ("content-type", "text/event-stream; charset=utf-8"),
-                ("transfer-encoding", "chunked"),
-            ],
-        )
+        eof = fault.get("framing") == "eof"
+        head = [("content-type", "text/event-stream; charset=utf-8")]
+        self._write_head(200, head if eof else [*head, ("transfer-encoding", "chunked")])
         events = list(stream_events(body, chat, tokens, rid))
+        endless = fault.get("endless_event")
+        if endless:
+            # An event that never ends: the proxy must bound what it holds of it.
+            events[1:] = [b"data: " + b"x" * (64 * 1024)] * (int(endless) // (64 * 1024))
         error_after = fault.get("error_event_after")
         if error_after is not None:
             events = events[:error_after]
@@ -694,7 +709,11 @@ class _Connection(asyncio.Protocol):
                     }
                 )
             )
-        events.append(SSE_DONE)
+        end_after = fault.get("end_after_events")
+        if end_after is not None:
+            events = events[:end_after]
+        elif not endless:
+            events.append(SSE_DONE)
         stream: Iterable[bytes] = events
         padding = fault.get("token_padding")
         if padding:
@@ -728,10 +747,14 @@ class _Connection(asyncio.Protocol):
                 await asyncio.Future()
             if flow_control:
                 await self._drain()
-            chunk = b"%x\r\n%b\r\n" % (len(event), event)
+            chunk = event if eof else b"%x\r\n%b\r\n" % (len(event), event)
             transport.write(chunk)
             response.events_sent += 1
             response.bytes_sent += len(chunk)
+        if eof:
+            self.keep_alive = False  # the end of the body is the end of the connection
+            self._done()
+            return
         transport.write(b"0\r\n\r\n")
         self._done()
 

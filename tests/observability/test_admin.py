@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -47,9 +48,36 @@ def test_admin_answers_metrics_only_and_stops_with_the_app(fake: FakeVLLM) -> No
         httpx.get(url + "/metrics")
 
 
+def _listening_ports() -> set[int]:
+    """TCP ports this process listens on (its socket inodes, looked up in /proc/net/tcp*)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/self/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as fh:
+            for line in list(fh)[1:]:
+                fields = line.split()
+                if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="needs Linux /proc")
 def test_admin_is_off_unless_enabled(fake: FakeVLLM) -> None:
+    before = _listening_ports()
     with ProxyServer.from_dict(proxy_config(fake.base_url)) as server:
         assert server.app.state.admin is None
+        # The only listener the app opened is its main port: no admin port at all.
+        assert _listening_ports() - before == {server.port}
+    enabled = proxy_config(fake.base_url, admin={"enabled": True, "port": 0})
+    with ProxyServer.from_dict(enabled) as server:
+        admin = server.app.state.admin
+        assert admin is not None
+        assert _listening_ports() - before == {server.port, admin.port}  # the check can see one
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")

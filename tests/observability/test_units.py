@@ -12,9 +12,8 @@ from typing import Any
 import orjson
 import pytest
 
-from proxy.core import config as config_module
 from proxy.core.binder import ConfigError
-from proxy.core.config import LoggingConfig
+from proxy.core.config import Config, LoggingConfig
 from proxy.core.errors import (
     InvalidRequest,
     Overloaded,
@@ -24,6 +23,8 @@ from proxy.core.errors import (
     UpstreamTimeout,
     VgateError,
 )
+from proxy.core.pipeline import Outcome
+from proxy.runtime import load as config_module
 from proxy.telemetry.logs import (
     REQUEST_ID,
     JsonFormatter,
@@ -37,7 +38,7 @@ from proxy.telemetry.metrics import OUTCOMES, reason_label, upstream_label
 from proxy.telemetry.observe import classify
 
 
-def _config(**sections: Any) -> config_module.Config:
+def _config(**sections: Any) -> Config:
     data = {"models": {"tiny": {"upstreams": ["http://127.0.0.1:9"]}}, **sections}
     return config_module.from_dict(data, "vgate.toml")
 
@@ -138,7 +139,10 @@ def test_classify(
     details: dict[str, Any],
     outcome: str,
 ) -> None:
-    assert classify(status, error, cancelled, started, details) == outcome
+    record = Outcome()
+    for name, value in details.items():
+        setattr(record, name, value)
+    assert classify(status, error, cancelled, started, record) == outcome
     assert outcome in OUTCOMES
 
 

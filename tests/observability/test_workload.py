@@ -63,15 +63,16 @@ class OutcomePolicy:
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         what = request.headers.get("x-test-outcome")
         if what == "rate_limited":
-            request.outcome["rate_limited"] = "tokens"
+            request.outcome.rate_limited = "tokens"
             raise RateLimited("Rate limit reached for tokens.", headers={"retry-after": "1"})
         if what == "shed":
-            request.outcome["shed"] = "queue_full"
+            request.outcome.shed = "queue_full"
             raise Overloaded("Upstream queue is full.", headers={"retry-after": "1"})
         if what == "fallback":
             self.log.warning("first choice refused, falling back")
-            request.outcome.update(fallback="breaker_open", retries=2, truncated=3)
-            request.outcome["queue_wait"] = 0.02
+            outcome = request.outcome
+            outcome.fallback, outcome.retries, outcome.truncated = "breaker_open", 2, 3
+            outcome.queue_wait = 0.02
         return await call_next(request)
 
 

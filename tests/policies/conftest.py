@@ -14,9 +14,10 @@ import redis
 
 from engine.client.monitor import EngineMonitor
 from policies.auth import new_key
-from proxy.core import config as config_module
-from proxy.runtime.runtime import Services
-from proxy.upstream.forward import ModelRoute, Upstream
+from policies.services import Services
+from proxy.runtime import load as config_module
+from proxy.upstream.breaker import ConsecutiveBreaker
+from proxy.upstream.model import ModelRoute, Upstream
 from tests.vllm_fixtures import free_port
 
 
@@ -76,5 +77,5 @@ def make_services(
     monitor = EngineMonitor(client, upstream_url, "tiny")
     monitor.max_model_len = max_model_len
     route = ModelRoute("tiny")
-    route.add(Upstream(upstream_url, upstream_url, "tiny", monitor))
+    route.add(Upstream(upstream_url, upstream_url, "tiny", monitor, ConsecutiveBreaker("tiny")))
     return Services(cfg, client, {"tiny": route})

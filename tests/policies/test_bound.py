@@ -15,8 +15,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from engine.devmodel import BOS
-from policies.text import chat_bytes, utf8_len
 from policies.truncate import TruncateSettings
+from proxy.api.text import chat_bytes, utf8_len
 
 PIECES = [
     "hello",

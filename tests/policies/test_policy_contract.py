@@ -20,8 +20,11 @@ import pytest
 from starlette.datastructures import Headers
 
 from policies import REGISTRY, build_policies
-from proxy.core.errors import UpstreamServerError, VgateError, error_body
+from proxy.api.chat import ChatCompletions
+from proxy.core.api import Usage
+from proxy.core.errors import UpstreamServerError, VgateError
 from proxy.core.pipeline import ProxyRequest, ProxyResponse
+from proxy.http.writer import error_body
 from tests.fakes.vllm import FakeVLLM
 from tests.policies.conftest import make_services
 
@@ -35,6 +38,10 @@ class Case:
     headers: dict[str, str]
     # A request this policy refuses (built on top of a fresh allowed one).
     refuse: Callable[[ProxyRequest], None]
+    # Whether the policy did its work on an allowed request (so no case passes by skipping it).
+    worked: Callable[[ProxyRequest], bool]
+    # Makes the allowed request one the policy must work on (not only wave through).
+    allowed: Callable[[ProxyRequest], None] = lambda request: None
 
 
 def _no_key(request: ProxyRequest) -> None:
@@ -45,18 +52,32 @@ def _huge(request: ProxyRequest) -> None:
     request.body["messages"] = [{"role": "user", "content": "word " * 5000}]
 
 
+def _long(request: ProxyRequest) -> None:
+    # Beyond the cheap bound (1 byte a token) of the 2048-token window, within the window
+    # itself: truncate must count it with /tokenize, and let it through.
+    request.body["messages"] = [{"role": "user", "content": "word " * 1200}]
+
+
 CASES: dict[str, Case] = {
     "auth": Case(
         {"keys": [{"name": "contract", "sha256": DIGEST}]},
         {"authorization": f"Bearer {KEY}"},
         _no_key,
+        worked=lambda r: r.key is not None and r.key.name == "contract",
     ),
     "ratelimit": Case(
         {"per_model": {"requests_per_minute": 60, "tokens_per_minute": 60_000}},
         {},
         lambda r: r.body.update(max_tokens=10**6),  # more than the whole token budget
+        worked=lambda r: "x-ratelimit-remaining-tokens" in r.response_headers,
     ),
-    "truncate": Case({"strategy": "reject"}, {}, _huge),
+    "truncate": Case(
+        {"strategy": "reject"},
+        {},
+        _huge,
+        worked=lambda r: (r.outcome.prompt_tokens or 0) > 1200,
+        allowed=_long,
+    ),
 }
 
 
@@ -71,9 +92,11 @@ def request_for(case: Case, stream: bool = False) -> ProxyRequest:
         "max_tokens": 8,
         "stream": stream,
     }
-    return ProxyRequest(
-        "chat/completions", "tiny", body, Headers(headers=case.headers), "rid", stream
+    request = ProxyRequest(
+        ChatCompletions(), "tiny", body, Headers(headers=case.headers), "rid", stream
     )
+    case.allowed(request)
+    return request
 
 
 class Next:
@@ -97,7 +120,7 @@ class Next:
         self.calls += 1
         if self.error is not None:
             raise self.error
-        request.usage = {"prompt_tokens": 9, "completion_tokens": 8, "total_tokens": 17}
+        request.usage = Usage(prompt_tokens=9, completion_tokens=8)
         if self.stream:
             self.response = ProxyResponse(200, "text/event-stream", stream=self._chunks())
         else:
@@ -127,8 +150,10 @@ async def build(
 async def test_allowed_request_reaches_next_once(name: str, build: Any) -> None:
     (policy,) = build(name)
     nxt = Next()
-    response = await policy(request_for(CASES[name]), nxt)
+    request = request_for(CASES[name])
+    response = await policy(request, nxt)
     assert nxt.calls == 1
+    assert CASES[name].worked(request)
     assert response is nxt.response
     assert response.body == b'{"ok": true}'
 
@@ -136,7 +161,9 @@ async def test_allowed_request_reaches_next_once(name: str, build: Any) -> None:
 async def test_streams_pass_byte_for_byte(name: str, build: Any) -> None:
     (policy,) = build(name)
     nxt = Next(stream=True)
-    response = await policy(request_for(CASES[name], stream=True), nxt)
+    request = request_for(CASES[name], stream=True)
+    response = await policy(request, nxt)
+    assert CASES[name].worked(request)
     assert response.stream is not None
     chunks = [c async for c in response.stream]
     assert b"".join(chunks) == b"".join(b'data: {"i": %d}\n\n' % i for i in range(5))

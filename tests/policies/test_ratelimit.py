@@ -15,9 +15,11 @@ from starlette.datastructures import Headers
 from policies import build_policies
 from policies.buckets import MemoryStorage
 from policies.ratelimit import duration
+from policies.services import Services
+from proxy.api.chat import ChatCompletions
+from proxy.core.api import Usage
 from proxy.core.errors import RateLimited, UpstreamServerError
 from proxy.core.pipeline import KeyInfo, ProxyRequest, ProxyResponse
-from proxy.runtime.runtime import Services
 from tests.conftest import ProxyFactory
 from tests.fakes.vllm import FakeVLLM
 from tests.policies.conftest import make_services
@@ -47,7 +49,7 @@ class Upstream:
                     raise UpstreamServerError("reset")
                 yield b"data: {}\n\n"
             if self.used is not None:
-                request.usage = {"total_tokens": self.used}
+                request.usage = Usage(prompt_tokens=self.used)
             yield b"data: [DONE]\n\n"
         finally:
             self.closed = True
@@ -56,7 +58,7 @@ class Upstream:
         if self.stream:
             return ProxyResponse(200, "text/event-stream", stream=self._events(request))
         if self.used is not None:
-            request.usage = {"total_tokens": self.used}
+            request.usage = Usage(prompt_tokens=self.used)
         return ProxyResponse(200, "application/json", b"{}")
 
 
@@ -75,7 +77,7 @@ async def rig(fake: FakeVLLM) -> AsyncIterator[tuple[Services, Clock]]:
 
 def request(max_tokens: int = 100, stream: bool = False) -> ProxyRequest:
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": max_tokens}
-    r = ProxyRequest("chat/completions", "tiny", body, Headers(headers={}), "rid", stream)
+    r = ProxyRequest(ChatCompletions(), "tiny", body, Headers(headers={}), "rid", stream)
     r.key = KeyInfo("alice")
     return r
 

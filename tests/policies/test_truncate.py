@@ -12,6 +12,7 @@ import pytest
 from starlette.datastructures import Headers
 
 from policies import build_policies
+from proxy.api.chat import ChatCompletions
 from proxy.core.errors import ContextLengthExceeded
 from proxy.core.pipeline import ProxyRequest, ProxyResponse
 from tests.conftest import ProxyFactory
@@ -202,7 +203,7 @@ async def test_the_window_from_tokenize_serves_when_monitors_know_none(
 
         def request(messages: list[Any]) -> ProxyRequest:
             body = {"model": "tiny", "messages": messages, "max_tokens": 16}
-            return ProxyRequest("chat/completions", "tiny", body, Headers(), "rid", False)
+            return ProxyRequest(ChatCompletions(), "tiny", body, Headers(), "rid", False)
 
         small = [{"role": "user", "content": "hello"}]
         await policy(request(small), forward)
@@ -238,3 +239,31 @@ def test_when_tokenize_fails_the_request_goes_unchanged_and_the_engine_decides(
     else:
         assert again.status_code == 200, again.text
         assert int(again.headers["x-vgate-truncated"]) > 0
+
+
+@pytest.mark.parametrize("where", ["engine", "entry"])
+def test_tokenize_is_sent_the_engine_s_own_key(proxy: ProxyFactory, where: str) -> None:
+    # An engine that requires its key on every path (vLLM behind an authenticating proxy), with
+    # no [upstream] api_key at all: counting must use the key of the engine that counts.
+    with FakeVLLM(max_model_len=WINDOW, api_key="engine-secret", guarded=("/v1/", "/tok")) as fake:
+        data: dict[str, Any] = {
+            "server": {"drain_timeout": 1.0},
+            "upstream": {"health_interval": 30.0, "metrics_interval": 30.0},
+            "policies": {"order": ["truncate"], "truncate": {"strategy": "reject"}},
+        }
+        if where == "engine":
+            data["engines"] = {
+                "tiny": {"model": "unused", "port": fake.port, "api_key": "engine-secret"}
+            }
+            data["models"] = {"tiny": {"upstreams": ["engine:tiny"]}}
+        else:
+            entry = {"url": fake.base_url, "api_key": "engine-secret"}
+            data["models"] = {"tiny": {"upstreams": [entry]}}
+        base = proxy(config=data)
+        r = post(base, messages=conversation(20), max_tokens=8)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        counted = fake.requests_to("/tokenize")
+        assert counted
+        assert {c.headers.get("authorization") for c in counted} == {"Bearer engine-secret"}
+        assert fake.requests_to("/v1/chat/completions") == []  # refused before it was sent

@@ -10,7 +10,7 @@ import pytest
 
 from proxy.cli import main as cli
 from proxy.core.binder import ConfigError
-from proxy.core.config import from_dict, load
+from proxy.runtime.load import from_dict, load
 
 MINIMAL = """\
 [server]

@@ -11,8 +11,8 @@ import pytest
 import respx
 from starlette.testclient import TestClient
 
-from proxy.core.config import from_dict
 from proxy.http.app import create_app
+from proxy.runtime.load import from_dict
 
 ENGINE = "http://engine.test:8000"
 CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from proxy.core.errors import UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
-from proxy.upstream.client import upstream_errors
+from proxy.core.transport import upstream_errors
 from proxy.upstream.wire import (
     WireClient,
     WireClosed,
@@ -217,7 +217,7 @@ class Net:
             "POST", url, content=body, headers=headers or {"content-type": "application/json"}
         )
         async with asyncio.timeout(BOUND):
-            result = await client.send(request, stream=True)
+            result = await client.send(request)
         self.responses.append(result)
         return result
 
@@ -637,9 +637,10 @@ async def test_connection_refused(net: Net) -> None:
     assert not isinstance(info.value.__cause__, WireConnectTimeout)
 
 
-async def test_only_http_urls(net: Net) -> None:
-    with pytest.raises(WireConnectError):
-        net.client().build_request("POST", "https://127.0.0.1/v1", content=b"", headers={})
+async def test_only_http_and_https_urls(net: Net) -> None:
+    for url in ("ftp://127.0.0.1/v1", "unix:///run/x", "http:///v1"):
+        with pytest.raises(WireConnectError):
+            net.client().build_request("POST", url, content=b"", headers={})
 
 
 async def test_pool_slot_timeout_then_freed_by_aclose(net: Net) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from proxy.runtime.runtime import Runtime
-from proxy.upstream.forward import Upstream
+from proxy.upstream.model import Upstream
 from tests.fakes.harness import ProxyServer
 from tests.fakes.vllm import FakeVLLM
 from tests.vllm_fixtures import free_port

@@ -10,7 +10,7 @@ import pybreaker
 import pytest
 
 from proxy.core.errors import CircuitOpen
-from proxy.upstream.breaker import Breaker
+from proxy.upstream.breaker import ConsecutiveBreaker as Breaker
 
 
 class Clock:

@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 
 from proxy.core.binder import ConfigError
-from proxy.core.config import fallback_chain, from_dict
+from proxy.core.config import Config
+from proxy.runtime.load import from_dict
+from proxy.upstream.registry import OrderedFallbacks, resolve
+
+
+def fallback_chain(cfg: Config, name: str) -> list[str]:
+    return OrderedFallbacks(cfg).chain(name)
+
 
 # The worked example of docs-drafts/resilience.md.
 EXAMPLE = """
@@ -67,15 +74,18 @@ def problems(data: dict[str, Any]) -> list[str]:
 def test_the_documented_example_loads() -> None:
     cfg = from_dict(tomllib.loads(EXAMPLE), "example.toml")
     assert cfg.resilience.backpressure.max_inflight == 64
-    assert cfg.resilience.retry.attempt_timeout == 120.0
+    assert resolve(cfg).retry_settings.attempt_timeout == 120.0
     assert fallback_chain(cfg, "chat-8k") == ["chat-8k", "chat-32k"]
 
 
 def test_defaults() -> None:
     cfg = from_dict({"models": models(a=[])})
     r = cfg.resilience
-    assert (r.breaker.fail_max, r.breaker.half_open_max, r.retry.attempts) == (5, 1, 3)
-    assert r.retry.attempt_timeout is None
+    modules = resolve(cfg)
+    breaker, retry = modules.breaker_settings, modules.retry_settings
+    assert (breaker.fail_max, breaker.half_open_max, retry.attempts) == (5, 1, 3)
+    assert retry.attempt_timeout is None
+    assert (r.balancer, r.fallback) == ("least_outstanding", "ordered")
     assert r.backpressure.kv_cache_threshold == 0.85
     assert r.affinity == "none"
 
@@ -114,6 +124,8 @@ def test_chains_follow_fallbacks_depth_first_without_repeats_and_bounded() -> No
         ({"retry": {"attempt_timeout": -1}}, "resilience.retry.attempt_timeout: must be greater"),
         ({"affinity": "sticky"}, "resilience.affinity: must be one of 'none', 'prefix'"),
         ({"retry": {"tries": 3}}, "resilience.retry.tries: unknown key"),
+        ({"breaker": {"kind": "slow"}}, "resilience.breaker.kind: unknown 'slow'"),
+        ({"balancer": "random"}, "resilience.balancer: unknown 'random'"),
     ],
 )
 def test_bad_values_name_the_key(table: dict[str, Any], expected: str) -> None:

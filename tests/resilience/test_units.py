@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import random
-from typing import Any
 
 import pytest
 
 from engine.client.monitor import EngineMonitor
 from proxy.core.errors import Overloaded
+from proxy.core.pipeline import Outcome
 from proxy.upstream.admission import Admission
 from proxy.upstream.balance import Choice, affinity_key, pick
-from proxy.upstream.breaker import Breaker
-from proxy.upstream.forward import Upstream
+from proxy.upstream.breaker import ConsecutiveBreaker as Breaker
+from proxy.upstream.model import Upstream
 from proxy.upstream.retry import RetryBudget, backoff
 
 
@@ -83,7 +83,7 @@ async def test_a_freed_slot_goes_to_the_highest_priority_then_the_oldest_waiter(
     order: list[str] = []
 
     async def wait(name: str, priority: int) -> None:
-        await adm.wait({}, priority, 10)
+        await adm.wait(Outcome(), priority, 10)
         order.append(name)
 
     tasks = []
@@ -104,21 +104,21 @@ async def test_a_freed_slot_goes_to_the_highest_priority_then_the_oldest_waiter(
 async def test_full_queue_sheds_the_newcomer_or_the_lowest_priority_waiter() -> None:
     adm = Admission(max_inflight=1, queue_size=2, max_wait=5, retry_after=3)
     u = upstream("a", inflight=1)
-    low_outcome: dict[str, Any] = {}
+    low_outcome = Outcome()
     low = asyncio.create_task(adm.wait(low_outcome, 0, 10))
-    mid = asyncio.create_task(adm.wait({}, 1, 10))
+    mid = asyncio.create_task(adm.wait(Outcome(), 1, 10))
     await asyncio.sleep(0)
-    outcome: dict[str, Any] = {}
+    outcome = Outcome()
     with pytest.raises(Overloaded) as info:
         await adm.wait(outcome, 0, 10)  # not above anyone waiting: refused at once
-    assert outcome == {"shed": "queue_full"}
+    assert outcome.shed == "queue_full"
     assert info.value.headers == {"retry-after": "3"}
-    high = asyncio.create_task(adm.wait({}, 9, 10))
+    high = asyncio.create_task(adm.wait(Outcome(), 9, 10))
     await asyncio.sleep(0)
     with pytest.raises(Overloaded):
         await low  # preempted by the higher priority
     assert adm.shed == {"queue_full": 1, "preempted": 1}
-    assert low_outcome == {"shed": "preempted"}  # the victim's own request says why
+    assert low_outcome.shed == "preempted"  # the victim's own request says why
     adm.release(u)
     assert await high is u
     adm.release(u)
@@ -129,10 +129,10 @@ async def test_full_queue_sheds_the_newcomer_or_the_lowest_priority_waiter() -> 
 async def test_wait_is_bounded_and_leaves_no_trace() -> None:
     adm = Admission(max_inflight=1, queue_size=5, max_wait=0.05)
     u = upstream("a", inflight=1)
-    outcome: dict[str, Any] = {}
+    outcome = Outcome()
     with pytest.raises(Overloaded):
         await adm.wait(outcome, 0, 10)
-    assert outcome == {"shed": "queue_timeout"}
+    assert outcome.shed == "queue_timeout"
     assert adm.waiting == 0
     adm.release(u)  # nobody waits: the slot is simply freed
     assert u.inflight == 0
@@ -142,7 +142,7 @@ async def test_cancelled_waiter_is_skipped_and_queue_stays_bounded() -> None:
     adm = Admission(max_inflight=1, queue_size=4, max_wait=5)
     u = upstream("a", inflight=1)
     for _ in range(100):
-        task = asyncio.create_task(adm.wait({}, 0, 10))
+        task = asyncio.create_task(adm.wait(Outcome(), 0, 10))
         await asyncio.sleep(0)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

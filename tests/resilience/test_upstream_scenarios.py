@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from proxy.upstream.retry import BudgetedRetry
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import CHAT_PATH, RawClient, chat, events
 from tests.resilience.conftest import FakeFactory, GatewayFactory, closed_port_url, config
@@ -301,8 +302,9 @@ async def test_total_failure_at_concurrency_50_bounds_upstream_attempts(
     if breaker:
         # The first wave (50 in flight) reaches the engine; after that the breaker is open.
         assert attempts <= 50 + 0.2 * 50 + 3, attempts
-    budget = gw.runtime.forwarder.budget
-    assert budget.spent <= 0.2 * requests + 3
+    retry = gw.runtime.forwarder.retry
+    assert isinstance(retry, BudgetedRetry)
+    assert retry.budget.spent <= 0.2 * requests + 3
 
 
 # 10 ------------------------------------------------------------------------------------------

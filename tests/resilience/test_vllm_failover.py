@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from engine import launch, procs
-from proxy.core.engines import EngineConfig
+from proxy.core.config import EngineConfig
 from tests.proxy.helpers import CHAT_PATH, chat
 from tests.resilience.conftest import Gateway, GatewayFactory, config
 from tests.vllm_fixtures import (

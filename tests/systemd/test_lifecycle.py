@@ -20,10 +20,10 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.core import config as config_module
 from proxy.ops.reload import needs_restart
 from proxy.ops.sdnotify import Notifier, watchdog_interval
 from proxy.ops.server import VgateServer
+from proxy.runtime import load as config_module
 from tests.fakes.harness import proxy_config
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import chat
@@ -142,7 +142,6 @@ def serve(
 
 def test_notifier_is_a_noop_without_a_socket() -> None:
     notifier = Notifier({})
-    assert not notifier.enabled
     assert notifier.ready("x") is False
     assert notifier.watchdog_interval is None
 

@@ -1,0 +1,98 @@
+"""What a route family declares: its body shape and bounds, how usage is read, how it streams.
+
+A family (`proxy.api.*`) is one object per API vLLM serves (chat completions, completions, ...).
+The route table (`proxy.http.routes`) maps paths to families; everything between the client and
+the engine asks the request's family instead of testing route names: the endpoint validates the
+body with `read`, policies ask `max_tokens` and `prompt_estimate`, the sender asks `prepare` and
+`usage`, and the stream relay feeds each complete block of events to `inspect`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, NamedTuple
+
+# How errors look on the route: OpenAI's body, with chunk or typed stream events, or Anthropic's
+# (proxy.http.writer renders each).
+ErrorShape = Literal["openai", "responses", "anthropic"]
+
+
+class Usage(NamedTuple):
+    """Tokens the engine reports for one request (None where the route does not say).
+
+    A NamedTuple: one is made for every answer, and a frozen dataclass would pay a
+    `object.__setattr__` per field."""
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int | None:
+        if self.prompt_tokens is None and self.completion_tokens is None:
+            return None
+        return (self.prompt_tokens or 0) + (self.completion_tokens or 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Bounds:
+    """Every list and multiplier a family reads has a bound (`[server]` keys of the same name)."""
+
+    max_n: int = 16
+    max_messages: int = 10_000
+    max_prompts: int = 256
+    max_sequences: int = 1024
+    max_items: int = 2048
+
+
+@dataclass(slots=True)
+class StreamState:
+    """What the relay learned from one stream's events so far (written by `Api.inspect`)."""
+
+    usage: Usage | None = None
+    # The route's terminal event was seen ([DONE], response.completed, message_stop ...): a
+    # stream that ends without it was cut, whatever the transport said.
+    finished: bool = False
+    # Drop the usage-only event: the proxy asked for usage although the client did not.
+    strip_usage: bool = False
+
+
+# The state of an answer that is not a stream: shared, since nothing writes it.
+NO_STREAM = StreamState()
+
+
+class Api:
+    """Base of the route families; the defaults fit an OpenAI-shaped JSON route."""
+
+    name: ClassVar[str]  # metrics label ("chat/completions"), also the log line's path
+    upstream_path: ClassVar[str]  # where the engine serves it ("/v1/chat/completions")
+    errors: ClassVar[ErrorShape] = "openai"
+    # Policies that apply to this family; None: all (an embedding has no window to fit).
+    policies: ClassVar[frozenset[str] | None] = None
+
+    def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
+        """Check what the proxy relies on and every bound; returns (model, stream).
+
+        Raises `InvalidRequest` naming the field. Fields the proxy does not read pass untouched.
+        """
+        raise NotImplementedError
+
+    def max_tokens(self, body: dict[str, Any]) -> int | None:
+        """The output budget the client asked for (what a token reservation holds)."""
+        return None
+
+    def prompt_estimate(self, body: dict[str, Any]) -> int:
+        """A rough prompt size in tokens, for reservations reconciled with real usage later."""
+        return 1
+
+    def prepare(self, body: dict[str, Any], stream: bool) -> StreamState:
+        """Adjust the outbound body (e.g. ask a stream for usage); returns the stream's state."""
+        return StreamState() if stream else NO_STREAM
+
+    def usage(self, content: bytes) -> Usage | None:
+        """The usage of a whole (non-streaming) answer."""
+        return None
+
+    def inspect(self, block: bytes, state: StreamState) -> bytes:
+        """Look at a block of complete events; returns the block to relay (maybe without the
+        usage event). Must be cheap: it runs for every chunk of every stream."""
+        return block
