@@ -57,3 +57,18 @@ def test_dashboard_queries_exposed_metrics(fake: FakeVLLM) -> None:
             assert set(_LEGEND.findall(legend)) <= known | grouped, (expr, legend)
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert variables == {"datasource", "model"}
+
+
+def test_panels_are_grafana_panels_laid_out_without_overlap() -> None:
+    panels = orjson.loads(DASHBOARD.read_bytes())["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        assert p["type"] in {"row", "stat", "timeseries"}, (p["title"], p["type"])
+        grid = p["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, p["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
