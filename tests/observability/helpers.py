@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,6 +30,21 @@ def scrape(server: ProxyServer) -> dict[tuple[str, Labels], float]:
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     return {(s.name, frozenset(s.labels.items())): s.value for s in prometheus.parse(response.text)}
+
+
+def exposed(text: str) -> tuple[set[str], dict[str, set[str]]]:
+    """Family names of a /metrics text (its # TYPE lines) and the label names on their samples
+    (a histogram's `_bucket`, `_sum` and `_count` samples count as its own)."""
+    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
+    labels: dict[str, set[str]] = {}
+    for line in text.splitlines():
+        if not line.startswith("#") and "{" in line:
+            name, _, rest = line.partition("{")
+            base = re.sub(r"_(bucket|sum|count)$", "", name)
+            labels.setdefault(base if base in names else name, set()).update(
+                re.findall(r'(\w+)="', rest)
+            )
+    return names, labels
 
 
 def value(samples: dict[tuple[str, Labels], float], name: str, **labels: str) -> float | None:

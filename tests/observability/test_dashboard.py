@@ -10,10 +10,10 @@ import orjson
 
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM
-from tests.observability.helpers import admin_url
+from tests.observability.helpers import admin_url, exposed
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "systemd" / "grafana-dashboard.json"
-_METRIC = re.compile(r"\bvgate_[a-z_]+")
+_METRIC = re.compile(r"\b(?:vgate|process)_[a-z_]+")
 _BY = re.compile(r"by \(([^)]*)\)")
 _LEGEND = re.compile(r"\{\{(\w+)\}\}")
 # Labels the queries may use beyond the families' own: histograms' bucket bound.
@@ -21,20 +21,12 @@ _BUILTIN = {"le"}
 
 
 def _exposed(fake: FakeVLLM) -> tuple[set[str], dict[str, set[str]]]:
-    """Family names (from # TYPE lines) and the label names seen on their samples."""
+    """Family names and label names of a proxy's /metrics after one streamed request."""
     config = proxy_config(fake.base_url, admin={"enabled": True, "port": 0})
     with ProxyServer.from_dict(config) as server:
         body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True}
         httpx.post(server.base_url + "/v1/chat/completions", json=body, timeout=10)
-        text = httpx.get(admin_url(server) + "/metrics", timeout=5).text
-    names = {line.split()[2] for line in text.splitlines() if line.startswith("# TYPE ")}
-    labels: dict[str, set[str]] = {}
-    for line in text.splitlines():
-        if line.startswith("vgate_") and "{" in line:
-            name, _, rest = line.partition("{")
-            base = re.sub(r"_(bucket|sum|count)$", "", name)
-            labels.setdefault(base, set()).update(re.findall(r'(\w+)="', rest))
-    return names, labels
+        return exposed(httpx.get(admin_url(server) + "/metrics", timeout=5).text)
 
 
 def test_dashboard_queries_exposed_metrics(fake: FakeVLLM) -> None:
@@ -57,3 +49,18 @@ def test_dashboard_queries_exposed_metrics(fake: FakeVLLM) -> None:
             assert set(_LEGEND.findall(legend)) <= known | grouped, (expr, legend)
     variables = {v["name"] for v in dashboard["templating"]["list"]}
     assert variables == {"datasource", "model"}
+
+
+def test_panels_are_grafana_panels_laid_out_without_overlap() -> None:
+    panels = orjson.loads(DASHBOARD.read_bytes())["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids repeat"
+    cells: dict[tuple[int, int], str] = {}
+    for p in panels:
+        assert p["type"] in {"row", "stat", "timeseries"}, (p["title"], p["type"])
+        grid = p["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, p["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{p['title']!r} overlaps {cells[(x, y)]!r}"
+                cells[(x, y)] = p["title"]
