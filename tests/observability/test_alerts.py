@@ -16,7 +16,7 @@ import orjson
 import pytest
 import yaml
 
-from proxy.metrics import BREAKER_STATES, OUTCOMES, TTFT_BUCKETS
+from proxy.telemetry.metrics import BREAKER_STATES, OUTCOMES, TTFT_BUCKETS
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM
 from tests.observability.helpers import admin_url, exposed
