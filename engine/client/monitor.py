@@ -37,6 +37,7 @@ class EngineMonitor:
         health_interval: float = 5.0,
         metrics_interval: float = 2.0,
         probe_timeout: float = 5.0,
+        connect_timeout: float = 5.0,
         api_key: str | None = None,
     ) -> None:
         self.client = client
@@ -44,7 +45,10 @@ class EngineMonitor:
         self.served_name = served_name
         self.health_interval = health_interval
         self.metrics_interval = metrics_interval
-        self.probe_timeout = probe_timeout
+        # A live engine answers /health at once: a probe gets the proxy's connect timeout for
+        # each phase, so a host whose link is down (nothing answers, not even a refusal) is
+        # unhealthy after that, also on a pooled connection that never needs to reconnect.
+        self._timeout = httpx.Timeout(min(connect_timeout, probe_timeout))
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
         self.healthy: bool | None = None  # None: not probed yet
@@ -121,7 +125,7 @@ class EngineMonitor:
 
     async def _get(self, path: str) -> httpx.Response:
         return await self.client.get(
-            self.base_url + path, headers=self._headers, timeout=self.probe_timeout
+            self.base_url + path, headers=self._headers, timeout=self._timeout
         )
 
     def _set_health(self, error: str | None) -> None:

@@ -52,7 +52,7 @@ class Child:
 
 def children_for(cfg: Config, config_path: str) -> list[Child]:
     """The engines, then the proxy (started last, stopped first)."""
-    cli = [sys.executable, "-m", "proxy.cli.main"]
+    cli = [sys.executable, "-m", "proxy.cli"]
     out = [
         Child(
             name=f"engine {name}",

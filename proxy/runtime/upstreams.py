@@ -57,6 +57,7 @@ def build_routes(
                     served,
                     health_interval=config.upstream.health_interval,
                     metrics_interval=config.upstream.metrics_interval,
+                    connect_timeout=config.upstream.connect_timeout,
                     api_key=api_key,
                 )
             route.add(

@@ -60,7 +60,7 @@ upstreams = ["{vllm_server.base_url}"]
     log_path = work / "proxy.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli.main", "serve", "--config", str(config)],
+            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,

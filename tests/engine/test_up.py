@@ -85,7 +85,7 @@ runtime_dir = "{runtime}"
 def start_up(config: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli.main", "up", "--config", str(config)],
+            [sys.executable, "-m", "proxy.cli", "up", "--config", str(config)],
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import orjson
 
-from engine import prometheus
+from engine.client import exposition
 from tests.fakes.vllm import FakeVLLM
 from tests.net.netns import Host, Network
 from tests.proxy.helpers import CHAT_PATH
@@ -102,7 +102,7 @@ class Proxy:
     def metrics(self) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         """The admin /metrics, scraped on the proxy's own host (its loopback, as documented)."""
         text = self.host.call(_get_text, f"http://127.0.0.1:{ADMIN_PORT}/metrics")
-        return {(s.name, frozenset(s.labels.items())): s.value for s in prometheus.parse(text)}
+        return {(s.name, frozenset(s.labels.items())): s.value for s in exposition.parse(text)}
 
     def sample(self, name: str, upstream: str) -> float | None:
         return self.metrics().get((name, frozenset({("model", "tiny"), ("upstream", upstream)})))

@@ -53,7 +53,7 @@ def two_proxies(redis_url: str, fake: FakeVLLM, tmp_path: Path) -> Iterator[list
             )
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "proxy.cli.main", "serve", "--config", str(path)],
+                    [sys.executable, "-m", "proxy.cli", "serve", "--config", str(path)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
