@@ -33,7 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
 
-from engine.store_io import hash_file, human_size, identity, write_atomic
+from engine.store_io import hash_file, human_size, identity, plural, write_atomic
 from engine.store_layout import Layout
 from engine.store_manifest import Manifest
 
@@ -108,8 +108,7 @@ def check(
             to_hash.append(blob_hex)
     if to_hash and log is not None:
         total = sum(sizes[h] for h in to_hash)
-        count = f"{len(to_hash)} file{'s' if len(to_hash) != 1 else ''}"
-        log(f"hashing {count} ({human_size(total)})")
+        log(f"hashing {plural(len(to_hash), 'file')} ({human_size(total)})")
     with ThreadPoolExecutor(max_workers=HASH_THREADS) as pool:
         results = list(pool.map(lambda h: _hash(layout, h), to_hash))
     for blob_hex, (found, error) in zip(to_hash, results, strict=True):
