@@ -44,6 +44,9 @@ def parser() -> argparse.ArgumentParser:
     from proxy.cli.keys import register as register_policies
 
     register_policies(sub)
+    from engine.store_cli import register as register_models
+
+    register_models(sub)
     return p
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -100,3 +102,22 @@ def test_the_store_from_the_environment_and_an_oci_source(
     [row] = Store(root).models()
     tree = Store(root).resolve(f"tiny@sha256:{row.hex}")
     assert json.loads((tree / "config.json").read_bytes()) == "v2"
+
+
+def test_through_the_vgate_command(root: str, tmp_path: Path) -> None:
+    vgate = Path(sys.executable).with_name("vgate")
+    src = model_dir(tmp_path / "src")
+    added = subprocess.run(
+        [vgate, "models", "add", "tiny", str(src), "--store", root],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    ref = added.stdout.split('model = "')[1].split('"')[0]
+    flip(Store(root).resolve(ref) / "config.json")
+    verify = subprocess.run(
+        [vgate, "models", "verify", ref, "--store", root], capture_output=True, text=True
+    )
+    assert verify.returncode == 1
+    bad, problem = verify.stdout.splitlines()
+    assert bad == f"BAD {ref}" and problem.startswith("  config.json: sha256 differs")
