@@ -6,8 +6,11 @@ import argparse
 import asyncio
 import sys
 import time
+from dataclasses import replace
 
 from engine import launch
+from engine.store.manifest import StoreError
+from engine.store.pinned import model_path, resolve_model
 from proxy.core.binder import ConfigError
 from proxy.core.config import Config
 from proxy.runtime import load
@@ -51,14 +54,27 @@ def engine_config(args: argparse.Namespace) -> tuple[Config, str]:
 
 def _engine_args(args: argparse.Namespace) -> int:
     cfg, name = engine_config(args)
-    print(launch.build(name, cfg.engines[name]).shell())
+    engine = cfg.engines[name]
+    # A pinned model is shown at its place in the store, unchecked: printing has no effects.
+    engine = replace(engine, model=model_path(engine.model, engine.model_store))
+    print(launch.build(name, engine).shell())
     return 0
 
 
 def _engine_run(args: argparse.Namespace) -> int:
     cfg, name = engine_config(args)
+    engine = cfg.engines[name]
+    try:
+        # Checked before vLLM loads anything: a file that does not match its digest refuses
+        # the start (exit 2; the unit does not restart on it).
+        model = resolve_model(
+            engine.model, engine.model_store, full=engine.model_verify == "full", log=print
+        )
+    except StoreError as exc:
+        print(f"vgate engine {name}: refusing to start: {exc}", file=sys.stderr)
+        return 2
     sys.stdout.flush()
-    launch.exec_engine(launch.build(name, cfg.engines[name]))
+    launch.exec_engine(launch.build(name, replace(engine, model=model)))
     return 1  # not reached: exec replaced this process
 
 

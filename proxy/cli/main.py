@@ -6,7 +6,8 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from proxy.cli import engine, keys, systemd
+from engine.store.pinned import check_model
+from proxy.cli import engine, keys, models, systemd
 from proxy.core.binder import ConfigError
 from proxy.runtime import load
 
@@ -21,6 +22,15 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _check_config(args: argparse.Namespace) -> int:
     cfg = load.load(args.config)
+    # The engines' model store is read only here and by `vgate engine run`, never by the
+    # proxy (which may not be allowed to read it): a pinned model the store lacks is named.
+    problems = [
+        problem
+        for name, e in cfg.engines.items()
+        for problem in check_model(f"engines.{name}.model", e.model, e.model_store)
+    ]
+    if problems:
+        raise ConfigError(args.config, problems)
     print(f"{args.config}: OK ({len(cfg.models)} models, {len(cfg.engines)} engines)")
     return 0
 
@@ -34,7 +44,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and print every problem")
     c.add_argument("config", help="TOML config file")
     c.set_defaults(func=_check_config)
-    for module in (engine, systemd, keys):
+    for module in (engine, systemd, keys, models):
         module.register(sub)
     return p
 

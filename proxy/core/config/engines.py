@@ -22,7 +22,11 @@ def _optional(fn: Check) -> Check:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    model: str = check(non_empty)  # local path or a model id
+    model: str = check(non_empty)  # local path, a model id, or NAME@sha256:HEX (model store)
+    # NAME@sha256:HEX models are looked up here (`vgate models add`) and checked before vLLM
+    # starts: "quick" hashes only what changed since it was last hashed, "full" every file.
+    model_store: str = check(non_empty, "/var/lib/vgate-engine/models")
+    model_verify: Literal["quick", "full"] = "quick"
     served_name: str | None = None  # default: the engine's name (the table key)
     host: str = "127.0.0.1"
     port: int = check(port_number, 8000)
