@@ -7,6 +7,10 @@ A proxy to a known engine needs a small subset of HTTP/1.1: POST with a Content-
 response framed by Content-Length, chunked encoding or EOF, keep-alive. The parsing is
 httptools (llhttp, the parser uvicorn serves with); this module only moves bytes and state.
 
+A connection goes back to the pool only if its bytes were exactly one response to the request
+it carried: anything after that response's end (a byte in the same read, a byte while idle) or
+an answer that came while the request was still being written retires it.
+
 It speaks the httpx subset of `proxy.upstream.UpstreamClient`, so respx-driven tests can put a
 real `httpx.AsyncClient` in its place.
 """
@@ -28,6 +32,7 @@ import httptools
 _HIGH_WATER = 256 * 1024
 # Bodies above this go out as two buffers instead of one concatenated copy.
 _CONCAT_MAX = 64 * 1024
+_CR, _LF = 13, 10
 
 
 class WireError(Exception):
@@ -186,6 +191,10 @@ class WireResponse:
 
 class _Conn(asyncio.Protocol):
     __slots__ = (
+        "_chunked",
+        "_ended",
+        "_extra",
+        "_keep",
         "_parser",
         "_pool",
         "_transport",
@@ -209,6 +218,12 @@ class _Conn(asyncio.Protocol):
         self.reused = False  # taken from the idle list at least once
         self.received = False  # any byte of the current response arrived
         self.idle_since = 0.0
+        # Set by the parser's callbacks during one data_received: the awaited response ended
+        # (and whether it allows keep-alive), and bytes came after its end.
+        self._ended = False
+        self._keep = False
+        self._extra = False
+        self._chunked = False  # the current response's framing (known once its head is)
 
     # -- used by the pool and the response ------------------------------------------------
 
@@ -259,11 +274,52 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         self.received = True
+        self._ended = self._extra = False
+        parser = self._parser
         try:
-            self._parser.feed_data(data)
+            if data[-1] in (_CR, _LF) and self._may_end_in_line_breaks(data):
+                # llhttp skips CR/LF after a message without a callback: the last byte goes in
+                # alone, so a response that ended before it is known to have had bytes after it.
+                view = memoryview(data)
+                parser.feed_data(view[:-1])
+                if self._ended:
+                    self._extra = True
+                else:
+                    parser.feed_data(view[-1:])
+            else:
+                parser.feed_data(data)
         except httptools.HttpParserError as exc:
             self._lost(WireProtocolError(f"malformed response: {exc}"))
             self.close()
+            return
+        if self._ended:
+            self._settle()
+
+    def _may_end_in_line_breaks(self, data: bytes) -> bool:
+        """Whether `data` (ending in CR or LF) may hold the response's end and CR/LF after it."""
+        response = self.response
+        if response is None or not response.status_code or not self._chunked:
+            return True
+        # A chunked response ends in CRLF CRLF after a byte that is neither: CR/LF after that
+        # makes the last five bytes line breaks (an SSE read ends in "\n\n\r\n" after text).
+        return len(data) < 5 or data[-5] in (_CR, _LF)
+
+    def _settle(self) -> None:
+        """The awaited response ended in this read: pool the connection only if it is in step."""
+        transport = self._transport
+        if (
+            self._extra
+            or not self._keep
+            or self.closed
+            or transport is None
+            # Answered while the request was still being written: what the upstream made of
+            # the rest of it is unknown.
+            or transport.get_write_buffer_size()
+        ):
+            self.close()
+            return
+        self.resume()
+        self._pool.release(self)
 
     def eof_received(self) -> bool:
         return False  # close our side too
@@ -287,6 +343,11 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks ----------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if self.response is None:
+            # A message after the awaited response ended: nobody asked for it.
+            self._extra = True
+
     def on_header(self, name: bytes, value: bytes) -> None:
         if self.response is not None:
             self.response._raw_headers.append((name, value))
@@ -295,6 +356,7 @@ class _Conn(asyncio.Protocol):
         response = self.response
         if response is not None:
             response.status_code = self._parser.get_status_code()
+            self._chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
             response._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -311,14 +373,11 @@ class _Conn(asyncio.Protocol):
             response._raw_headers.clear()
             response._headers = None
             return
+        # Whether the connection goes back to the pool is settled once the read is parsed.
         self.response = None
-        keep = self._parser.should_keep_alive()
+        self._ended = True
+        self._keep = self._parser.should_keep_alive()
         response._finish()
-        if keep and not self.closed:
-            self.resume()
-            self._pool.release(self)
-        else:
-            self.close()
 
 
 def _until_eof(response: WireResponse) -> bool:

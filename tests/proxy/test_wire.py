@@ -916,3 +916,96 @@ async def test_client_aclose_closes_idle_connections(net: Net) -> None:
     await client.aclose()
     for conn in server.conns:
         await wait(conn.eof)
+
+
+# -- 13. Connections out of step with their requests -------------------------------------------
+# A connection is reused only if its bytes were exactly one response to the request sent: bytes
+# after the response's end (in the same read or later), a second message, or an early answer
+# while the request is still being written all retire it, whatever the read boundaries.
+
+CL_OK = response(b"first")
+CHUNKED_OK = CHUNKED_HEAD + chunk(b"fir") + chunk(b"st") + LAST_CHUNK
+AFTER = {
+    "a-whole-second-response": response(b"unasked"),
+    "part-of-a-second-response": b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\nunas",
+    "a-status-line-prefix": b"HTTP/1.",
+    "garbage": b"zz\r\n",
+    "crlf": b"\r\n",
+    "lf": b"\n",
+    "two-crlf": b"\r\n\r\n",
+}
+
+
+def desynced(first: bytes, extra: bytes, *, apart: bool = False) -> Handler:
+    """Answers the first request with `first` followed by `extra` (in one write, or in two
+    with `apart`), every later one (and any other connection) with 'conn N'."""
+
+    async def handler(conn: Conn) -> None:
+        if conn.index == 0:
+            await conn.request()
+            if apart:
+                await conn.send(first)
+                await asyncio.sleep(0.02)
+                await conn.send(extra)
+            else:
+                await conn.send(first + extra)
+        while await conn.request() is not None:
+            await conn.send(response(f"conn {conn.index}".encode()))
+
+    return handler
+
+
+@pytest.mark.parametrize("first", [CL_OK, CHUNKED_OK], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("extra", list(AFTER.values()), ids=list(AFTER))
+@pytest.mark.parametrize("apart", [False, True], ids=["same-read", "later-read"])
+async def test_bytes_after_the_response_retire_the_connection(
+    net: Net, first: bytes, extra: bytes, apart: bool
+) -> None:
+    server = await net.serve(desynced(first, extra, apart=apart))
+    client = net.client()
+    r = await net.post(client, server.url)
+    assert b"".join(await collect(r)) == b"first"
+    await wait(server.conns[0].eof)  # retired, not pooled
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+    assert len(server.conns) == 2
+    assert len(server.conns[0].requests) == 1  # the second request never went out of step
+
+
+async def test_204_with_a_body_retires_the_connection(net: Net) -> None:
+    # A 204 has no body whatever its Content-Length: the three bytes begin no response.
+    no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\n"
+    server = await net.serve(desynced(no_content, b"abc"))
+    client = net.client()
+    r = await net.post(client, server.url)
+    assert r.status_code == 204
+    assert await r.aread() == b""
+    await wait(server.conns[0].eof)
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+
+
+async def test_interim_response_followed_by_garbage_is_a_protocol_error(net: Net) -> None:
+    server = await net.serve(desynced(b"HTTP/1.1 100 Continue\r\n\r\n", b"zz\r\n\r\n"))
+    client = net.client()
+    with pytest.raises(WireProtocolError):
+        await net.post(client, server.url)
+    await wait(server.conns[0].eof)
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+
+
+async def test_an_answer_before_the_request_was_written_retires_the_connection(net: Net) -> None:
+    # The server answers after the head, before reading an 8 MiB body: what it makes of the
+    # rest of the body is unknown, so the connection must not carry another request.
+    async def handler(conn: Conn) -> None:
+        if conn.index == 0:
+            await conn.reader.readuntil(b"\r\n\r\n")
+            await conn.send(response(b"early"))
+            await conn.until_eof()
+            return
+        await answering(b"conn 1")(conn)
+
+    server = await net.serve(handler)
+    client = net.client()
+    r = await net.post(client, server.url, b"x" * (8 * 1024 * 1024))
+    assert await r.aread() == b"early"
+    await wait(server.conns[0].eof, within=BOUND)
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
