@@ -11,6 +11,7 @@ its hash, or prompt or completion text.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -20,7 +21,10 @@ import orjson
 from proxy.config import LoggingConfig
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("vgate_request_id", default=None)
-# Loggers routed through our handler: ours (by name or by module) and uvicorn's.
+# Loggers routed through our handler at the configured level: ours (by name or by module) and
+# uvicorn's. Every other logger (asyncio's "Fatal error on transport" tracebacks, httpx,
+# pybreaker) reaches it through the root logger, at warning and above: one format, one record
+# per line, for everything the process logs.
 LOGGERS = ("vgate", "uvicorn", "engine", "proxy", "policies")
 
 
@@ -56,14 +60,37 @@ class _Formatter(logging.Formatter):
         return data
 
 
+# orjson escapes C0 controls but writes DEL, C1 controls (NEL among them) and the Unicode line
+# and paragraph separators as they are: line splitters other than journald's split on some, and
+# terminals act on others. Escaped here, as JSON escapes (only strings can hold them).
+_JSON_RAW = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+def _json_escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode())
+
+
 class JsonFormatter(_Formatter):
-    """`{"ts", "level", "logger", "msg", "request_id"?, ...fields, "exc"?}` on one line."""
+    """`{"ts", "level", "logger", "msg", "request_id"?, ...fields, "exc"?}` on one line, always:
+    a traceback, or client text with line breaks in it, is escaped inside its string."""
 
     def format(self, record: logging.LogRecord) -> str:
         data = self.fields(record)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data, default=str).decode()
+        try:
+            line = orjson.dumps(data, default=str)
+        except TypeError:
+            # Not valid UTF-8 (a lone surrogate, e.g. from a file name): ASCII escapes instead,
+            # rather than logging's own multi-line "--- Logging error ---".
+            line = orjson.dumps({k: v if _plain(v) else ascii(v) for k, v in data.items()})
+        if b"\x7f" in line or b"\xc2" in line or b"\xe2\x80" in line:
+            line = _JSON_RAW.sub(_json_escape, line)
+        return line.decode()
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float)
 
 
 class TextFormatter(_Formatter):
@@ -151,4 +178,5 @@ def dict_config(config: LoggingConfig) -> dict[str, Any]:
         "loggers": {
             name: {"handlers": ["stderr"], "level": level, "propagate": False} for name in LOGGERS
         },
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
     }

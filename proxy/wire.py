@@ -33,6 +33,12 @@ _HIGH_WATER = 256 * 1024
 # Bodies above this go out as two buffers instead of one concatenated copy.
 _CONCAT_MAX = 64 * 1024
 _CR, _LF = 13, 10
+# Bytes a response may send without a body byte among them: its head, interim responses, chunk
+# framing, trailers. vLLM's heads are a few hundred bytes; llhttp passes header lines to
+# httptools, which buffers each whole, so a head that never ends must be cut off somewhere.
+_MAX_BARE = 64 * 1024
+_VERSIONS = ("1.1", "1.0")
+_HTTP = b"HTTP/"
 
 
 class WireError(Exception):
@@ -48,7 +54,8 @@ class WireConnectTimeout(WireError):
 
 
 class WireProtocolError(WireError):
-    """The upstream sent something that is not an HTTP/1.1 response."""
+    """The upstream sent something that is not an HTTP/1.1 response (or not one we asked for:
+    a protocol switch, a transfer coding other than chunked, a head beyond its bound)."""
 
 
 class WireClosed(WireError):
@@ -191,12 +198,14 @@ class WireResponse:
 
 class _Conn(asyncio.Protocol):
     __slots__ = (
+        "_bare",
         "_chunked",
         "_ended",
         "_extra",
         "_keep",
         "_parser",
         "_pool",
+        "_start",
         "_transport",
         "closed",
         "idle_since",
@@ -224,6 +233,8 @@ class _Conn(asyncio.Protocol):
         self._keep = False
         self._extra = False
         self._chunked = False  # the current response's framing (known once its head is)
+        self._start = b""  # the current response's first bytes, until they read "HTTP/"
+        self._bare = 0  # its bytes since the last body byte (bounded by _MAX_BARE)
 
     # -- used by the pool and the response ------------------------------------------------
 
@@ -235,6 +246,8 @@ class _Conn(asyncio.Protocol):
             return response
         self.response = response
         self.received = False
+        self._start = b""
+        self._bare = 0
         if len(content) <= _CONCAT_MAX:
             transport.write(head + content)
         else:
@@ -269,12 +282,17 @@ class _Conn(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self.response is None:
+        response = self.response
+        if response is None:
             # Bytes nobody asked for (no request in flight): the connection is out of step.
             self.close()
             return
         self.received = True
+        if len(self._start) < 5 and not self._sniff(data):
+            self._violated("the upstream did not answer in HTTP")
+            return
         self._ended = self._extra = False
+        size = response._size
         parser = self._parser
         try:
             if data[-1] in (_CR, _LF) and self._may_end_in_line_breaks(data):
@@ -289,11 +307,35 @@ class _Conn(asyncio.Protocol):
             else:
                 parser.feed_data(data)
         except httptools.HttpParserError as exc:
-            self._lost(WireProtocolError(f"malformed response: {exc}"))
-            self.close()
+            # A violation our callbacks found travels as the exception's context.
+            found = exc.__context__
+            self._violated(found.args[0] if isinstance(found, WireProtocolError) else str(exc))
+            return
+        except httptools.HttpParserUpgrade:
+            self._violated("the upstream switched protocols unasked")
             return
         if self._ended:
             self._settle()
+        elif response._size == size:
+            self._bare += len(data)
+            if self._bare > _MAX_BARE:
+                self._violated(f"over {_MAX_BARE} bytes of head or framing without a body byte")
+        else:
+            self._bare = 0
+
+    def _sniff(self, data: bytes) -> bool:
+        """Whether the response's first bytes can begin "HTTP/" (llhttp also reads RTSP/ and
+        ICE/ messages); they are kept until five are known."""
+        if not self._start and data.startswith(_HTTP):
+            self._start = _HTTP
+            return True
+        start = self._start + (data if self._start else data.lstrip(b"\r\n"))
+        self._start = start[:5]
+        return _HTTP.startswith(self._start)
+
+    def _violated(self, what: str) -> None:
+        self._lost(WireProtocolError(f"malformed response: {what}"))
+        self.close()
 
     def _may_end_in_line_breaks(self, data: bytes) -> bool:
         """Whether `data` (ending in CR or LF) may hold the response's end and CR/LF after it."""
@@ -349,15 +391,32 @@ class _Conn(asyncio.Protocol):
             self._extra = True
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self.response is not None:
-            self.response._raw_headers.append((name, value))
+        response = self.response
+        # After the head, header lines are trailers: read (and bounded), not kept.
+        if response is not None and not response.status_code:
+            response._raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         response = self.response
-        if response is not None:
-            response.status_code = self._parser.get_status_code()
-            self._chunked = "chunked" in response.headers.get("transfer-encoding", "").lower()
-            response._wake()
+        if response is None:
+            return
+        parser = self._parser
+        status = parser.get_status_code()
+        if status < 200:
+            if status == 101:
+                raise WireProtocolError("the upstream switched protocols (101) unasked")
+            return  # interim (100, 103, ...): its headers are dropped at its end
+        version = parser.get_http_version()
+        if version not in _VERSIONS:
+            raise WireProtocolError(f"HTTP/{version} is not HTTP/1.x")
+        coding = response.headers.get("transfer-encoding")
+        if coding is not None and coding.strip().lower() != "chunked":
+            # llhttp frames "gzip, chunked" as chunked and "gzip" by the connection's end: the
+            # body would reach the client still transfer-coded.
+            raise WireProtocolError(f"transfer-encoding {coding!r} is not chunked")
+        self._chunked = coding is not None
+        response.status_code = status
+        response._wake()
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
@@ -367,9 +426,8 @@ class _Conn(asyncio.Protocol):
         response = self.response
         if response is None:
             return
-        if response.status_code < 200:
-            # An interim response (100 Continue): the real one follows on the same connection.
-            response.status_code = 0
+        if not response.status_code:
+            # An interim response (100 Continue, 103 Early Hints): the real one follows.
             response._raw_headers.clear()
             response._headers = None
             return

@@ -34,6 +34,7 @@ class ScriptedEngine:
     script: Script
     completions: list[Completion] = field(default_factory=list)
     connections: int = 0  # connections that sent a completion request
+    closed: int = 0  # of those, connections that ended (either side closing)
     port: int = 0
     _loop: asyncio.AbstractEventLoop | None = None
     _thread: threading.Thread | None = None
@@ -123,6 +124,9 @@ class ScriptedEngine:
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
             pass
         finally:
+            if index is not None:
+                with self._lock:
+                    self.closed += 1
             writer.close()
             with contextlib.suppress(ConnectionError, asyncio.CancelledError):
                 await writer.wait_closed()

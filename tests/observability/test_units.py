@@ -111,6 +111,37 @@ def test_dict_config_applies_level_and_format() -> None:
     assert isinstance(logging.getLogger("uvicorn").handlers[0].formatter, JsonFormatter)
 
 
+def test_other_libraries_records_are_json_lines_even_with_a_traceback() -> None:
+    # asyncio logs an exception escaping a protocol callback with its traceback: through the
+    # root logger it is one JSON object on one line like every other record.
+    logging.config.dictConfig(dict_config(LoggingConfig()))
+    root = logging.getLogger()
+    [handler] = root.handlers
+    assert isinstance(handler, StderrHandler) and isinstance(handler.formatter, JsonFormatter)
+    assert root.level == logging.WARNING
+    try:
+        raise RuntimeError("line one\nline two\r\n\u2028forged")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "Fatal error on transport\nprotocol: x", (),
+            sys.exc_info(),
+        )  # fmt: skip
+    line = handler.format(record)
+    assert len(line.splitlines()) == 1, line
+    data = orjson.loads(line)
+    assert data["logger"] == "asyncio" and data["msg"].startswith("Fatal error")
+    assert "RuntimeError: line one" in data["exc"] and "\u2028forged" in data["exc"]
+
+
+@pytest.mark.parametrize("text", ["\u2028", "\u2029", "\x85", "\x7f", "\x9b", "\x1b[2J", "\ud800"])
+def test_json_lines_escape_every_separator_and_control(text: str) -> None:
+    line = JsonFormatter().format(_record(model=f"a{text}b"))
+    assert len(line.splitlines()) == 1
+    assert line.isascii() or not any(0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in line)
+    if text != "\ud800":
+        assert orjson.loads(line)["model"] == f"a{text}b"
+
+
 @pytest.mark.parametrize(
     ("status", "error", "cancelled", "started", "details", "outcome"),
     [

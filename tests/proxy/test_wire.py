@@ -1009,3 +1009,107 @@ async def test_an_answer_before_the_request_was_written_retires_the_connection(n
     assert await r.aread() == b"early"
     await wait(server.conns[0].eof, within=BOUND)
     assert await (await net.post(client, server.url)).aread() == b"conn 1"
+
+
+# -- 14. Protocol violations -----------------------------------------------------------------------
+# Each is a WireProtocolError for the request (never another exception, never a hang) and the
+# connection is closed.
+
+VIOLATIONS = {
+    "101-websocket": b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+    b"connection: upgrade\r\n\r\n",
+    "101-bare": b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    "101-after-100": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n",
+    "invalid-status-line": b"HTTP/1.1 2000 OK\r\n\r\n",
+    "status-line-without-version": b"200 OK\r\ncontent-length: 0\r\n\r\n",
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "http2-settings-frame": b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64",
+    "http2-version": b"HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "ssh-banner": b"SSH-2.0-OpenSSH_9.2\r\n",
+    "rtsp-banner": b"RTSP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "ice-banner": b"ICE/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "content-length-and-chunked": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
+    b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "two-content-lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+    "negative-content-length": b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+    "oversized-content-length": b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+    "transfer-coding-gzip": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc",
+    "transfer-coding-gzip-chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "bare-lf": b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok",
+    "nul-in-header": b"HTTP/1.1 200 OK\r\nx: a\x00b\r\ncontent-length: 2\r\n\r\nok",
+    "head-too-large": b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"a" * 70_000 + b"\r\n\r\n",
+    "too-many-header-lines": b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * 20_000,
+    "endless-interim-responses": b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" * 3000,
+}
+
+
+@pytest.mark.parametrize("bytes_", list(VIOLATIONS.values()), ids=list(VIOLATIONS))
+async def test_protocol_violations_are_protocol_errors(net: Net, bytes_: bytes) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(bytes_)
+        await conn.until_eof()
+
+    server = await net.serve(handler)
+    client = net.client()
+    with pytest.raises(WireProtocolError):
+        r = await net.post(client, server.url)
+        await collect(r)
+    await wait(server.conns[0].eof)
+
+
+async def test_trailers_are_read_but_bounded(net: Net) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD + chunk(b"data") + b"0\r\nx-trailer: 1\r\n\r\n")
+        await conn.request()
+        # Trailers that never end: never a body byte again.
+        await conn.send(CHUNKED_HEAD + chunk(b"more") + b"0\r\n" + b"x-t: 1\r\n" * 20_000)
+        await conn.until_eof()
+
+    server = await net.serve(handler)
+    client = net.client()
+    r = await net.post(client, server.url)
+    assert b"".join(await collect(r)) == b"data"
+    assert "x-trailer" not in r.headers
+    r = await net.post(client, server.url)
+    with pytest.raises(WireProtocolError):
+        await collect(r)
+    assert len(server.conns) == 1
+    await wait(server.conns[0].eof)
+
+
+async def test_a_head_arriving_a_byte_at_a_time_is_bounded(net: Net) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nx-pad: ")
+        try:
+            for _ in range(70):
+                await conn.send(b"a" * 1024)
+                await asyncio.sleep(0)
+        except ConnectionError:
+            conn.eof.set()  # the client closed it mid-head
+        await conn.until_eof()
+
+    server = await net.serve(handler)
+    with pytest.raises(WireProtocolError):
+        await net.post(net.client(), server.url)
+    await wait(server.conns[0].eof)
+
+
+@pytest.mark.parametrize("status", [102, 103, 199])
+async def test_other_interim_responses_are_skipped(net: Net, status: int) -> None:
+    async def handler(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(b"HTTP/1.1 %d Interim\r\nx-interim: 1\r\n\r\n" % status)
+            await conn.send(response(b"real"))
+
+    server = await net.serve(handler)
+    client = net.client()
+    for _ in range(2):
+        r = await net.post(client, server.url)
+        assert r.status_code == 200
+        assert "x-interim" not in r.headers
+        assert await r.aread() == b"real"
+    assert len(server.conns) == 1
