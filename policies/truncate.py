@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from engine import tokens
 from policies.text import chat_bytes, utf8_len
-from proxy.errors import ContextLengthExceeded, UpstreamError
+from proxy.errors import ContextLengthExceeded, Overloaded, UpstreamError
 from proxy.forward import ModelRoute, Upstream
 from proxy.pipeline import Handler, ProxyRequest, ProxyResponse
 from proxy.settings import check, non_negative, positive
@@ -123,8 +123,9 @@ class TruncatePolicy:
                     await self._fit_prompt(request, self._route)
             except ContextLengthExceeded:
                 raise
-            except UpstreamError as exc:
-                # Cannot count: the engine decides (its own 400 is better than a guess).
+            except (UpstreamError, Overloaded) as exc:
+                # Cannot count (the engine failed, or the pool to it is full): the engine
+                # decides (its own 400 is better than a guess).
                 log.info("request %s not checked for length: %s", request.request_id, exc.message)
                 request.outcome["truncate"] = "not_counted"
         return await call_next(request)

@@ -27,6 +27,7 @@ from proxy.config import ResilienceConfig
 from proxy.errors import (
     CircuitOpen,
     ContextLengthExceeded,
+    Overloaded,
     UpstreamError,
     UpstreamServerError,
     UpstreamTimeout,
@@ -240,6 +241,14 @@ class Forwarder:
             lease.succeeded()  # the engine answered, correctly
             lease.release()
             raise
+        except Overloaded as exc:
+            # The proxy's own connection pool stayed full (proxy.upstream.upstream_errors): a
+            # local limit, neither a failure nor a success of the engine, and nothing was sent.
+            # Shed like a full queue; a retry would find no free connection either.
+            upstream.attempts -= 1
+            lease.abandoned()
+            lease.release()
+            raise lease.route.admission.refuse(request.outcome, "pool_full") from exc
         except asyncio.CancelledError as exc:
             if timed_out(exc):
                 lease.failed()

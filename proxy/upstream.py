@@ -17,8 +17,14 @@ from typing import Any, Protocol
 import httpx
 
 from proxy.config import UpstreamConfig
-from proxy.errors import UpstreamError, UpstreamStreamBroken, UpstreamTimeout, UpstreamUnreachable
-from proxy.wire import WireClient, WireConnectError, WireConnectTimeout, WireError
+from proxy.errors import (
+    Overloaded,
+    UpstreamError,
+    UpstreamStreamBroken,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from proxy.wire import WireClient, WireConnectError, WireConnectTimeout, WireError, WirePoolFull
 
 
 class UpstreamResponse(Protocol):
@@ -74,8 +80,10 @@ class upstream_errors:
     """Translate transport errors (httpx's and proxy.wire's) into vgate errors, in one place.
 
     `started` says whether response bytes already reached the client: then any failure is a
-    broken stream, whatever its cause. A class rather than @contextmanager: it is entered
-    several times per request on the hot path, and a generator per entry costs more.
+    broken stream, whatever its cause. A full connection pool is the proxy's own limit, not
+    the upstream's failure: `Overloaded` (503, Retry-After), not an `UpstreamError`. A class
+    rather than @contextmanager: it is entered several times per request on the hot path, and
+    a generator per entry costs more.
     """
 
     __slots__ = ("_started", "_target")
@@ -93,12 +101,14 @@ class upstream_errors:
         if exc is None or not isinstance(exc, TimeoutError | httpx.TransportError | WireError):
             return
         target = self._target
+        if isinstance(exc, WirePoolFull | httpx.PoolTimeout):
+            raise Overloaded(
+                f"All connections to upstream {target} are busy; retry shortly.",
+                headers={"retry-after": "1"},
+            ) from exc
         if self._started:
             raise UpstreamStreamBroken("The upstream connection failed mid-response.") from exc
-        if isinstance(
-            exc,
-            httpx.ConnectTimeout | httpx.PoolTimeout | WireConnectTimeout,
-        ):
+        if isinstance(exc, httpx.ConnectTimeout | WireConnectTimeout):
             raise UpstreamUnreachable(f"Upstream {target} did not accept a connection.") from exc
         if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
             raise UpstreamTimeout(f"Upstream {target} timed out.") from exc

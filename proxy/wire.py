@@ -50,7 +50,12 @@ class WireConnectError(WireError):
 
 
 class WireConnectTimeout(WireError):
-    """No connection within the connect timeout (connecting, or waiting for a pool slot)."""
+    """No connection within the connect timeout: the upstream did not accept one."""
+
+
+class WirePoolFull(WireError):
+    """Every connection the pool may open stayed busy for the connect timeout: the proxy's own
+    limit (`upstream.max_connections`), not a failure of the upstream."""
 
 
 class WireProtocolError(WireError):
@@ -543,7 +548,7 @@ class _Pool:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(waiter)
             if isinstance(exc, TimeoutError):
-                raise WireConnectTimeout(
+                raise WirePoolFull(
                     f"all {self._limit} connections to the upstream stayed busy for "
                     f"{self._connect_timeout:g} s"
                 ) from None

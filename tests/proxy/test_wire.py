@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
-from proxy.errors import UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
+from proxy.errors import Overloaded, UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
 from proxy.upstream import upstream_errors
 from proxy.wire import (
     WireClient,
     WireClosed,
     WireConnectError,
     WireConnectTimeout,
+    WirePoolFull,
     WireProtocolError,
     WireResponse,
 )
@@ -656,11 +657,13 @@ async def test_pool_slot_timeout_then_freed_by_aclose(net: Net) -> None:
     client = net.client(max_connections=1, connect_timeout=0.2)
     held = await net.post(client, server.url)
     start = time.monotonic()
-    with pytest.raises(WireConnectTimeout):
+    with pytest.raises(WirePoolFull):
         await net.post(client, server.url)
     assert 0.15 <= time.monotonic() - start < 1.0
-    with pytest.raises(UpstreamUnreachable), upstream_errors("u"):
+    # The proxy's own limit, not the upstream's failure.
+    with pytest.raises(Overloaded) as info, upstream_errors("u"):
         await net.post(client, server.url)
+    assert info.value.status == 503 and info.value.headers["retry-after"] == "1"
     assert len(server.conns) == 1
 
     await held.aclose()
@@ -727,7 +730,7 @@ async def test_cancelled_slot_waiter_passes_the_free_slot_on(net: Net) -> None:
         start = time.monotonic()
         try:
             r = await second
-        except WireConnectTimeout:
+        except WirePoolFull:
             pytest.fail("the slot freed for the cancelled waiter was lost: the next one timed out")
         assert time.monotonic() - start < 0.5
         assert await r.aread() == b"free"
