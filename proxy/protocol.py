@@ -12,7 +12,8 @@ through although its parser then stops reading the connection. `BoundedHttpProto
   `server.max_headers` header fields, else 431;
 - framing errors llhttp detects (Content-Length with Transfer-Encoding, two Content-Lengths,
   bad chunk framing, bad characters) and upgrade requests: an OpenAI-shaped 400;
-- uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text.
+- uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text, and only
+  above the limit (uvicorn refuses the limit-th connection itself).
 
 A refused connection is closed, and a handler already reading the refused request sees a
 disconnect, so nothing of it goes upstream. A request already read whole keeps its answer; the
@@ -47,6 +48,7 @@ from proxy.errors import (
     error_body,
 )
 from proxy.hooks import SCOPE_KEY
+from proxy.limits import Listener
 
 log = logging.getLogger("vgate.http")
 
@@ -81,9 +83,11 @@ class _Refused(Exception):
 def protocol_class(
     server: ServerConfig, count: Callable[[str], None] | None = None
 ) -> type[BoundedHttpProtocol]:
-    """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`) for these settings."""
+    """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`) for these settings;
+    one per listener (its connections share its `Listener`)."""
     bounds = Bounds.of(server, count)
-    return type("VgateHttpProtocol", (BoundedHttpProtocol,), {"bounds": bounds})
+    namespace = {"bounds": bounds, "listener": Listener()}
+    return type("VgateHttpProtocol", (BoundedHttpProtocol,), namespace)
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -143,6 +147,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's HttpToolsProtocol with head/body timeouts, head limits and JSON refusals."""
 
     bounds: ClassVar[Bounds] = Bounds()
+    listener: ClassVar[Listener]  # set by protocol_class
 
     def __init__(
         self,
@@ -256,7 +261,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._stage = BODY
         self._head_bytes = 0
         limit = self._limit
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+        # "Above the limit": this connection is already among `connections`, while this
+        # request's task does not exist yet (uvicorn's own check refuses the limit itself).
+        if limit is not None and (
+            len(self.connections) > limit or self.listener.requests(self.tasks) >= limit
+        ):
             if self.bounds.count is not None:
                 self.bounds.count("overloaded")
             app, self.app = self.app, _overloaded
@@ -270,6 +279,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._stage = IDLE
+
+    def on_response_complete(self) -> None:
+        if self._limit is not None:
+            self.listener.answered()  # no longer a request in flight, though its task runs on
+        super().on_response_complete()
 
     # -- timers ---------------------------------------------------------------------------
     def _arm(self, stage: int) -> None:

@@ -268,10 +268,51 @@ def test_upgrade_header_without_connection_upgrade_is_just_a_header(
 # -- the connection limit ------------------------------------------------------------------------
 
 
+SLOW = chat_body(fake={"first_byte_delay": 0.4})
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_exactly_max_concurrency_connections_and_requests_are_served(
+    fake: FakeVLLM, proxy: ProxyFactory, limit: int
+) -> None:
+    # server.max_concurrency counts open connections and requests in flight: `limit` of each
+    # are served, the first one above it is refused.
+    port = int(proxy(server={"max_concurrency": limit}).rsplit(":", 1)[1])
+    conns = [Conn(port) for _ in range(limit)]
+    try:
+        for conn in conns:
+            conn.send(request(method="GET", target="/health"))
+        assert [conn.response().status for conn in conns] == [200] * limit
+        for conn in conns:  # `limit` requests at once, on `limit` connections
+            conn.send(request(SLOW))
+        with Conn(port) as extra:  # one connection more, while they are in flight
+            extra.send(request(method="GET", target="/health"))
+            response = extra.response()
+            assert response.status == 503
+            assert response.error()["code"] == "overloaded"
+            assert response.headers["retry-after"] == "1"
+            assert extra.closed()
+        assert [conn.response().status for conn in conns] == [200] * limit
+    finally:
+        for conn in conns:
+            conn.close()
+    assert len(forwarded(fake)) == limit
+
+
+def test_a_keep_alive_client_at_the_limit_is_served_request_after_request(
+    fake: FakeVLLM, proxy: ProxyFactory
+) -> None:
+    # An answered request's task lingers a moment after its response: not a request in flight.
+    port = int(proxy(server={"max_concurrency": 1}).rsplit(":", 1)[1])
+    with Conn(port) as conn:
+        for i in range(30):
+            conn.send(request(BODY) if i % 2 else request(method="GET", target="/health"))
+            assert conn.response().status == 200, i
+
+
 def test_connection_limit_overflow_is_an_openai_503(fake: FakeVLLM, proxy: ProxyFactory) -> None:
-    # server.max_concurrency (uvicorn's limit_concurrency) counts connections and requests.
     port = int(proxy(server={"max_concurrency": 2}).rsplit(":", 1)[1])
-    with Conn(port), Conn(port) as conn:
+    with Conn(port), Conn(port), Conn(port) as conn:
         conn.send(request(BODY))
         response = conn.response()
         assert response.status == 503
