@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import orjson
 
+from proxy.encoding import coding_of, decode_stream, decode_whole
 from proxy.errors import (
     ContextLengthExceeded,
     InvalidRequest,
@@ -69,10 +70,12 @@ class Lease:
 
 
 class Sender:
-    """Sends one request to one upstream with only the headers we choose."""
+    """Sends one request to one upstream with only the headers we choose; relays only bodies
+    it can read (an encoded one is decoded or refused: proxy.encoding)."""
 
-    def __init__(self, client: UpstreamClient) -> None:
+    def __init__(self, client: UpstreamClient, max_decoded: int = 32 * 1024 * 1024) -> None:
         self._client = client
+        self._max_decoded = max_decoded
 
     async def send(
         self,
@@ -116,8 +119,12 @@ class Sender:
             response = await self._client.send(outbound, stream=True)
         status = response.status_code
         try:
+            with upstream_errors(label):
+                coding = coding_of(response.headers)
             if request.stream and status < 400:
                 chunks = response.aiter_raw()
+                if coding is not None:
+                    chunks = decode_stream(chunks, coding)
                 with upstream_errors(label):
                     first = await anext(chunks, b"")
                 if not first:
@@ -130,7 +137,10 @@ class Sender:
                     stream=_Stream(events, relay, response, lease),
                 )
             with upstream_errors(label):
-                content = await response.aread()
+                if coding is None:
+                    content = await response.aread()
+                else:
+                    content = await decode_whole(response.aiter_raw(), coding, self._max_decoded)
         except BaseException:
             await response.aclose()
             raise

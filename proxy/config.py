@@ -56,6 +56,9 @@ class UpstreamConfig:
     # Longest silence between two chunks of a stream; streams have no total timeout.
     stream_idle_timeout: float = check(positive, 60.0)
     max_connections: int = check(positive, 1000)
+    # A body the engine sends gzip/deflate-encoded anyway is decoded; a whole one past this
+    # many decoded bytes is a 502 (a small body can decode to gigabytes).
+    max_decoded_bytes: int = check(positive, 32 * 1024 * 1024)
     # Below the 5 s keep-alive of uvicorn (vLLM's server): a pooled connection must never race
     # the server closing it.
     keepalive_expiry: float = check(positive, 4.0)

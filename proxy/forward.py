@@ -105,9 +105,11 @@ class Forwarder:
         routes: dict[str, ModelRoute],
         resilience: ResilienceConfig | None = None,
         chains: dict[str, list[str]] | None = None,
+        *,
+        max_decoded: int = 32 * 1024 * 1024,
     ) -> None:
         self._routes = routes
-        self._sender = Sender(client)
+        self._sender = Sender(client, max_decoded)
         cfg = resilience or ResilienceConfig()
         self._retry = cfg.retry
         self._backpressure = cfg.backpressure

@@ -86,7 +86,13 @@ class Runtime:
             self.routes[name] = route
         self.services = services = Services(config, client, self.routes)
         chains = {name: fallback_chain(config, name) for name in config.models}
-        self.forwarder = forwarder = Forwarder(upstream_client, self.routes, resilience, chains)
+        self.forwarder = forwarder = Forwarder(
+            upstream_client,
+            self.routes,
+            resilience,
+            chains,
+            max_decoded=config.upstream.max_decoded_bytes,
+        )
         inner: dict[str, Handler] = {
             name: chain(build_policies(config, name, services), forwarder) for name in config.models
         }
