@@ -13,7 +13,9 @@ through although its parser then stops reading the connection. `BoundedHttpProto
 - framing errors llhttp detects (Content-Length with Transfer-Encoding, two Content-Lengths,
   bad chunk framing, bad characters) and upgrade requests: an OpenAI-shaped 400;
 - uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text, and only
-  above the limit (uvicorn refuses the limit-th connection itself).
+  above the limit (uvicorn refuses the limit-th connection itself);
+- HTTP/1.0 requests: a body of unknown length (a stream) framed by the close, not chunked
+  (proxy.http10).
 
 A refused connection is closed, and a handler already reading the refused request sees a
 disconnect, so nothing of it goes upstream. A request already read whole keeps its answer; the
@@ -48,6 +50,7 @@ from proxy.errors import (
     error_body,
 )
 from proxy.hooks import SCOPE_KEY
+from proxy.http10 import close_framed
 from proxy.limits import Listener
 
 log = logging.getLogger("vgate.http")
@@ -273,8 +276,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 super().on_headers_complete()
             finally:
                 self.app = app
-            return
-        super().on_headers_complete()
+        else:
+            super().on_headers_complete()
+        if self.scope["http_version"] == "1.0":
+            close_framed(self.cycle)  # no chunked coding for 1.0: a stream ends by the close
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
