@@ -34,6 +34,11 @@ class ServerConfig:
     # Seconds SIGTERM waits for open streams before cancelling them upstream.
     drain_timeout: float = check(non_negative, 30.0)
     max_concurrency: int | None = check(lambda v: positive(v) if v is not None else None, None)
+    # Connections one client address may hold (IPv6: one /64); unset, because behind a
+    # reverse proxy or load balancer every client has that one address.
+    max_connections_per_client: int | None = check(
+        lambda v: positive(v) if v is not None else None, None
+    )
     # Unbounded `n` or message counts let one request exhaust an engine.
     max_n: int = check(positive, 16)
     max_messages: int = check(positive, 10_000)
@@ -190,6 +195,7 @@ def _cross_checks(cfg: Config, binder: Binder) -> None:
 
     binder.problems.extend(validate_policies(cfg))
     _check_admin(cfg, binder)
+    _check_server(cfg, binder)
     _check_fallbacks(cfg, binder)
     for name, model in cfg.models.items():
         for i, up in enumerate(model.upstreams):
@@ -217,6 +223,16 @@ def _check_admin(cfg: Config, binder: Binder) -> None:
         )
     if admin.port == cfg.server.port:
         binder.problem("admin.port", f"{admin.port} is the main listener's port")
+
+
+def _check_server(cfg: Config, binder: Binder) -> None:
+    server = cfg.server
+    per_client, total = server.max_connections_per_client, server.max_concurrency
+    if per_client is not None and total is not None and per_client > total:
+        binder.problem(
+            "server.max_connections_per_client",
+            f"{per_client} is more than server.max_concurrency ({total}): it would never apply",
+        )
 
 
 def _check_fallbacks(cfg: Config, binder: Binder) -> None:

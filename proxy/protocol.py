@@ -14,6 +14,8 @@ through although its parser then stops reading the connection. `BoundedHttpProto
   bad chunk framing, bad characters) and upgrade requests: an OpenAI-shaped 400;
 - uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text, and only
   above the limit (uvicorn refuses the limit-th connection itself);
+- `server.max_connections_per_client`: a connection above it gets an OpenAI-shaped 503 at its
+  first request head (proxy.limits);
 - HTTP/1.0 requests: a body of unknown length (a stream) framed by the close, not chunked
   (proxy.http10).
 
@@ -89,7 +91,7 @@ def protocol_class(
     """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`) for these settings;
     one per listener (its connections share its `Listener`)."""
     bounds = Bounds.of(server, count)
-    namespace = {"bounds": bounds, "listener": Listener()}
+    namespace = {"bounds": bounds, "listener": Listener(server.max_connections_per_client)}
     return type("VgateHttpProtocol", (BoundedHttpProtocol,), namespace)
 
 
@@ -171,6 +173,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._on_lost: Callable[[], None] | None = None
         # The concurrency limit is checked here, to answer it with JSON (on_headers_complete).
         self._limit, self.limit_concurrency = self.limit_concurrency, None
+        # The address this connection is counted under (server.max_connections_per_client),
+        # and whether it is over that limit (its first request is then refused).
+        self._client_key: str | None = None
+        self._over_client_limit = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -178,9 +184,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # The first head's deadline counts from here: a connection that never sends a byte
         # is closed too (uvicorn arms its keep-alive timer only after a response).
         self._arm(HEAD)
+        if self.listener.per_client is not None and self.client is not None:
+            self._client_key = self.listener.join(self.client[0])
+            if self._client_key is None:
+                # Answered with a 503 at its first request head (or closed at the head
+                # timeout); meanwhile it takes no place in max_concurrency.
+                self._over_client_limit = True
+                self.connections.discard(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._client_key is not None:
+            self.listener.leave(self._client_key)
+            self._client_key = None
         super().connection_lost(exc)
         callback, self._on_lost = self._on_lost, None
         if callback is not None:
@@ -260,6 +276,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.parser.should_upgrade():
             # llhttp stops parsing at an upgrade: the body and any later request would be lost.
             self._refusal = (MalformedHTTP("Protocol upgrades are not supported."), "upgrade")
+            raise _Refused
+        if self._over_client_limit:
+            message = "Too many connections from your address; retry shortly."
+            busy = Overloaded(message, headers={"retry-after": "1"})
+            self._refusal = (busy, "client_connections")
             raise _Refused
         self._stage = BODY
         self._head_bytes = 0
