@@ -204,9 +204,11 @@ class WireResponse:
 class _Conn(asyncio.Protocol):
     __slots__ = (
         "_bare",
+        "_big",
         "_chunked",
         "_ended",
         "_extra",
+        "_heads",
         "_keep",
         "_parser",
         "_pool",
@@ -240,6 +242,10 @@ class _Conn(asyncio.Protocol):
         self._chunked = False  # the current response's framing (known once its head is)
         self._start = b""  # the current response's first bytes, until they read "HTTP/"
         self._bare = 0  # its bytes since the last body byte (bounded by _MAX_BARE)
+        # The read being parsed, if it may hold whole heads over that bound, and the interim
+        # heads that ended in it.
+        self._big: bytes | None = None
+        self._heads = 0
 
     # -- used by the pool and the response ------------------------------------------------
 
@@ -297,6 +303,10 @@ class _Conn(asyncio.Protocol):
             self._violated("the upstream did not answer in HTTP")
             return
         self._ended = self._extra = False
+        # This read may hold heads over the bound whole: on_headers_complete measures them.
+        big = self._bare + len(data) > _MAX_BARE
+        self._big = data if big else None
+        self._heads = 0
         size = response._size
         parser = self._parser
         try:
@@ -319,6 +329,8 @@ class _Conn(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._violated("the upstream switched protocols unasked")
             return
+        if big:
+            self._big = None  # not kept past its read
         if self._ended:
             self._settle()
         elif response._size == size:
@@ -411,6 +423,8 @@ class _Conn(asyncio.Protocol):
             if status == 101:
                 raise WireProtocolError("the upstream switched protocols (101) unasked")
             return  # interim (100, 103, ...): its headers are dropped at its end
+        if self._big is not None and self._bare + _heads_end(self._big, self._heads) > _MAX_BARE:
+            raise WireProtocolError(f"over {_MAX_BARE} bytes of head")
         version = parser.get_http_version()
         if version not in _VERSIONS:
             raise WireProtocolError(f"HTTP/{version} is not HTTP/1.x")
@@ -433,6 +447,7 @@ class _Conn(asyncio.Protocol):
             return
         if not response.status_code:
             # An interim response (100 Continue, 103 Early Hints): the real one follows.
+            self._heads += 1
             response._raw_headers.clear()
             response._headers = None
             return
@@ -441,6 +456,17 @@ class _Conn(asyncio.Protocol):
         self._ended = True
         self._keep = self._parser.should_keep_alive()
         response._finish()
+
+
+def _heads_end(data: bytes, interim: int) -> int:
+    """Where the head after `interim` interim heads ends in `data` (llhttp takes only CRLF line
+    ends, and no header line can hold one: each head ends at the next CR LF CR LF)."""
+    end = -4
+    for _ in range(interim + 1):
+        end = data.find(b"\r\n\r\n", end + 4)
+        if end < 0:
+            return len(data)  # its end straddles two reads: count all of this one
+    return end + 4
 
 
 def _until_eof(response: WireResponse) -> bool:
