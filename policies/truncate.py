@@ -29,7 +29,7 @@ from policies.services import Services
 from proxy.api.text import chat_bytes, utf8_len
 from proxy.core.binder import check, non_negative, positive
 from proxy.core.config import Config
-from proxy.core.errors import ContextLengthExceeded, UpstreamError
+from proxy.core.errors import ContextLengthExceeded, Overloaded, UpstreamError
 from proxy.core.pipeline import Handler, ProxyRequest, ProxyResponse
 from proxy.upstream.balance import least_busy
 from proxy.upstream.model import ModelRoute, Upstream
@@ -121,8 +121,9 @@ class TruncatePolicy:
                     await self._fit_prompt(request, self._route)
             except ContextLengthExceeded:
                 raise
-            except UpstreamError as exc:
-                # Cannot count: the engine decides (its own 400 is better than a guess).
+            except (UpstreamError, Overloaded) as exc:
+                # Cannot count (the engine failed, or the pool to it is full): the engine
+                # decides (its own 400 is better than a guess).
                 log.info("request %s not checked for length: %s", request.request_id, exc.message)
                 request.outcome.truncate = "not_counted"
         return await call_next(request)

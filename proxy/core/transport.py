@@ -13,6 +13,7 @@ import asyncio
 import httpx
 
 from proxy.core.errors import (
+    Overloaded,
     UpstreamError,
     UpstreamStreamBroken,
     UpstreamTimeout,
@@ -40,12 +41,19 @@ class ConnectionClosed(TransportError):
     """The connection ended before the response did."""
 
 
+class PoolExhausted(TransportError):
+    """Every connection the proxy may open to the upstream stayed busy: the proxy's own limit,
+    not the upstream's failure."""
+
+
 class upstream_errors:
     """Translate transport errors (httpx's and ours) into vgate errors, in one place.
 
     `started` says whether response bytes already reached the client: then any failure is a
-    broken stream, whatever its cause. A class rather than @contextmanager: it is entered
-    several times per request on the hot path, and a generator per entry costs more.
+    broken stream, whatever its cause. A full connection pool is the proxy's own limit, not
+    the upstream's failure: `Overloaded` (503, Retry-After), not an `UpstreamError`. A class
+    rather than @contextmanager: it is entered several times per request on the hot path, and
+    a generator per entry costs more.
     """
 
     __slots__ = ("_started", "_target")
@@ -63,9 +71,14 @@ class upstream_errors:
         if exc is None or not isinstance(exc, TimeoutError | httpx.TransportError | TransportError):
             return
         target = self._target
+        if isinstance(exc, PoolExhausted | httpx.PoolTimeout):
+            raise Overloaded(
+                f"All connections to upstream {target} are busy; retry shortly.",
+                headers={"retry-after": "1"},
+            ) from exc
         if self._started:
             raise UpstreamStreamBroken("The upstream connection failed mid-response.") from exc
-        if isinstance(exc, httpx.ConnectTimeout | httpx.PoolTimeout | ConnectTimedOut):
+        if isinstance(exc, httpx.ConnectTimeout | ConnectTimedOut):
             raise UpstreamUnreachable(f"Upstream {target} did not accept a connection.") from exc
         if isinstance(exc, httpx.TimeoutException | asyncio.TimeoutError):
             raise UpstreamTimeout(f"Upstream {target} timed out.") from exc

@@ -12,7 +12,12 @@ through although its parser then stops reading the connection. `BoundedHttpProto
   `server.max_headers` header fields, else 431;
 - framing errors llhttp detects (Content-Length with Transfer-Encoding, two Content-Lengths,
   bad chunk framing, bad characters) and upgrade requests: an OpenAI-shaped 400;
-- uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text.
+- uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text, and only
+  above the limit (uvicorn refuses the limit-th connection itself);
+- `server.max_connections_per_client`: a connection above it gets an OpenAI-shaped 503 at its
+  first request head (proxy.limits);
+- HTTP/1.0 requests: a body of unknown length (a stream) framed by the close, not chunked
+  (proxy.http10).
 
 A refused connection is closed, and a handler already reading the refused request sees a
 disconnect, so nothing of it goes upstream. A request already read whole keeps its answer; the
@@ -46,6 +51,8 @@ from proxy.core.errors import (
     VgateError,
 )
 from proxy.http.hooks import SCOPE_KEY
+from proxy.http.http10 import close_framed
+from proxy.http.limits import Listener
 from proxy.http.writer import raw_response, send_error
 
 log = logging.getLogger("vgate.http")
@@ -81,9 +88,11 @@ class _Refused(Exception):
 def protocol_class(
     server: ServerConfig, count: Callable[[str], None] | None = None
 ) -> type[BoundedHttpProtocol]:
-    """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`) for these settings."""
+    """The protocol class to hand uvicorn (`uvicorn.Config(http=...)`) for these settings;
+    one per listener (its connections share its `Listener`)."""
     bounds = Bounds.of(server, count)
-    return type("VgateHttpProtocol", (BoundedHttpProtocol,), {"bounds": bounds})
+    namespace = {"bounds": bounds, "listener": Listener(server.max_connections_per_client)}
+    return type("VgateHttpProtocol", (BoundedHttpProtocol,), namespace)
 
 
 def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
@@ -133,6 +142,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     """uvicorn's HttpToolsProtocol with head/body timeouts, head limits and JSON refusals."""
 
     bounds: ClassVar[Bounds] = Bounds()
+    listener: ClassVar[Listener]  # set by protocol_class
 
     def __init__(
         self,
@@ -153,6 +163,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         self._on_lost: Callable[[], None] | None = None
         # The concurrency limit is checked here, to answer it with JSON (on_headers_complete).
         self._limit, self.limit_concurrency = self.limit_concurrency, None
+        # The address this connection is counted under (server.max_connections_per_client),
+        # and whether it is over that limit (its first request is then refused).
+        self._client_key: str | None = None
+        self._over_client_limit = False
 
     # -- asyncio.Protocol -----------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -160,9 +174,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # The first head's deadline counts from here: a connection that never sends a byte
         # is closed too (uvicorn arms its keep-alive timer only after a response).
         self._arm(HEAD)
+        if self.listener.per_client is not None and self.client is not None:
+            self._client_key = self.listener.join(self.client[0])
+            if self._client_key is None:
+                # Answered with a 503 at its first request head (or closed at the head
+                # timeout); meanwhile it takes no place in max_concurrency.
+                self._over_client_limit = True
+                self.connections.discard(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._client_key is not None:
+            self.listener.leave(self._client_key)
+            self._client_key = None
         super().connection_lost(exc)
         callback, self._on_lost = self._on_lost, None
         if callback is not None:
@@ -243,10 +267,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # llhttp stops parsing at an upgrade: the body and any later request would be lost.
             self._refusal = (MalformedHTTP("Protocol upgrades are not supported."), "upgrade")
             raise _Refused
+        if self._over_client_limit:
+            message = "Too many connections from your address; retry shortly."
+            busy = Overloaded(message, headers={"retry-after": "1"})
+            self._refusal = (busy, "client_connections")
+            raise _Refused
         self._stage = BODY
         self._head_bytes = 0
         limit = self._limit
-        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+        # "Above the limit": this connection is already among `connections`, while this
+        # request's task does not exist yet (uvicorn's own check refuses the limit itself).
+        if limit is not None and (
+            len(self.connections) > limit or self.listener.requests(self.tasks) >= limit
+        ):
             if self.bounds.count is not None:
                 self.bounds.count("overloaded")
             app, self.app = self.app, _overloaded
@@ -254,12 +287,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 super().on_headers_complete()
             finally:
                 self.app = app
-            return
-        super().on_headers_complete()
+        else:
+            super().on_headers_complete()
+        if self.scope["http_version"] == "1.0":
+            close_framed(self.cycle)  # no chunked coding for 1.0: a stream ends by the close
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self._stage = IDLE
+
+    def on_response_complete(self) -> None:
+        if self._limit is not None:
+            self.listener.answered()  # no longer a request in flight, though its task runs on
+        super().on_response_complete()
 
     # -- timers ---------------------------------------------------------------------------
     def _arm(self, stage: int) -> None:

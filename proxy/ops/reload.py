@@ -26,6 +26,7 @@ RESTART_ONLY = {
         "port",
         "keepalive_timeout",
         "max_concurrency",
+        "max_connections_per_client",
         "header_timeout",
         "body_timeout",
         "max_header_bytes",

@@ -64,6 +64,7 @@ class Runtime:
                 config.resilience.affinity_messages if config.resilience.affinity == "prefix" else 0
             ),
             max_event_bytes=config.upstream.max_event_bytes,
+            max_decoded_bytes=config.upstream.max_decoded_bytes,
         )
         self.forwarder = forwarder
         chains = {name: [r.name for r in modules.chains[name]] for name in config.models}

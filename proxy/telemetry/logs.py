@@ -12,6 +12,7 @@ its hash, or prompt or completion text.
 from __future__ import annotations
 
 import logging
+import re
 import time
 from contextvars import ContextVar
 from typing import Any
@@ -21,7 +22,10 @@ import orjson
 from proxy.core.config import LoggingConfig
 
 REQUEST_ID: ContextVar[str | None] = ContextVar("vgate_request_id", default=None)
-# Loggers routed through our handler: ours (by name or by module) and uvicorn's.
+# Loggers routed through our handler at the configured level: ours (by name or by module) and
+# uvicorn's. Every other logger (asyncio's "Fatal error on transport" tracebacks, httpx,
+# pybreaker) reaches it through the root logger, at warning and above: one format, one record
+# per line, for everything the process logs.
 LOGGERS = ("vgate", "uvicorn", "engine", "proxy", "policies")
 
 
@@ -57,28 +61,98 @@ class _Formatter(logging.Formatter):
         return data
 
 
+# orjson escapes C0 controls but writes DEL, C1 controls (NEL among them) and the Unicode line
+# and paragraph separators as they are: line splitters other than journald's split on some, and
+# terminals act on others. Escaped here, as JSON escapes (only strings can hold them).
+_JSON_RAW = re.compile(rb"\x7f|\xc2[\x80-\x9f]|\xe2\x80[\xa8\xa9]")
+
+
+def _json_escape(match: re.Match[bytes]) -> bytes:
+    return b"\\u%04x" % ord(match.group().decode())
+
+
 class JsonFormatter(_Formatter):
-    """`{"ts", "level", "logger", "msg", "request_id"?, ...fields, "exc"?}` on one line."""
+    """`{"ts", "level", "logger", "msg", "request_id"?, ...fields, "exc"?}` on one line, always:
+    a traceback, or client text with line breaks in it, is escaped inside its string."""
 
     def format(self, record: logging.LogRecord) -> str:
         data = self.fields(record)
         if record.exc_info:
             data["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(data, default=str).decode()
+        try:
+            line = orjson.dumps(data, default=str)
+        except TypeError:
+            # Not valid UTF-8 (a lone surrogate, e.g. from a file name): ASCII escapes instead,
+            # rather than logging's own multi-line "--- Logging error ---".
+            line = orjson.dumps({k: v if _plain(v) else ascii(v) for k, v in data.items()})
+        if b"\x7f" in line or b"\xc2" in line or b"\xe2\x80" in line:
+            line = _JSON_RAW.sub(_json_escape, line)
+        return line.decode()
+
+
+def _plain(value: Any) -> bool:
+    return value is None or isinstance(value, bool | int | float)
+
+
+# What a text line shows escaped: C0 controls (line breaks, tabs, terminal escapes), DEL, C1
+# controls (NEL), the Unicode line and paragraph separators, and the backslash (so an escape in
+# the line always means an escaped character).
+_TEXT_UNSAFE = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029\\]")
+_TEXT_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+# A value with these (or empty) is quoted, so `key=value` pairs cannot be forged by a value.
+_TEXT_QUOTE = re.compile(r'[\s="]')
+_TEXT_KEY = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def _text_escape_one(match: re.Match[str]) -> str:
+    char = match.group()
+    named = _TEXT_NAMED.get(char)
+    if named is not None:
+        return named
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def text_escape(text: str) -> str:
+    """`text` with nothing in it that can end a line or act on a terminal."""
+    return _TEXT_UNSAFE.sub(_text_escape_one, text) if _TEXT_UNSAFE.search(text) else text
+
+
+def text_value(value: object) -> str:
+    """A value of a `key=value` pair: escaped, and quoted if it holds a space, `=` or `"`."""
+    text = text_escape(str(value))
+    if not text or _TEXT_QUOTE.search(text):
+        return '"' + text.replace('"', '\\"') + '"'
+    return text
 
 
 class TextFormatter(_Formatter):
-    """`ts LEVEL logger: msg key=value ...` for a person at a terminal."""
+    """`ts LEVEL logger: msg key=value ...` for a person at a terminal, one line per record.
+
+    Whatever a client can put in a message or a field (a model name, header text in an
+    exception) is escaped: a line break shows as `\\n`, a terminal escape as `\\x1b`. A value
+    with a space, `=` or `"` is quoted, and so is a message with `=` or `"`: neither can pass
+    for a pair. A traceback follows its record as continuation lines, each beginning `  | `:
+    never a line that could be taken for a record of its own.
+    """
 
     def format(self, record: logging.LogRecord) -> str:
         data = self.fields(record)
         head = f"{data.pop('ts')} {data.pop('level').upper():7} {data.pop('logger')}: "
-        line: str = head + str(data.pop("msg"))
-        pairs = " ".join(f"{k}={v}" for k, v in data.items() if v is not None)
+        msg = text_escape(str(data.pop("msg")))
+        if "=" in msg or '"' in msg:
+            msg = '"' + msg.replace('"', '\\"') + '"'
+        line: str = head + msg
+        pairs = " ".join(
+            f"{_TEXT_KEY.sub('_', str(k))}={text_value(v)}"
+            for k, v in data.items()
+            if v is not None
+        )
         if pairs:
             line += " " + pairs
         if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+            trace = self.formatException(record.exc_info)
+            line += "".join("\n  | " + text_escape(part) for part in trace.splitlines())
         return line
 
 
@@ -152,4 +226,5 @@ def dict_config(config: LoggingConfig) -> dict[str, Any]:
         "loggers": {
             name: {"handlers": ["stderr"], "level": level, "propagate": False} for name in LOGGERS
         },
+        "root": {"handlers": ["stderr"], "level": "WARNING"},
     }

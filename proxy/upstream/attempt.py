@@ -26,6 +26,7 @@ from proxy.core.errors import (
 from proxy.core.pipeline import ProxyRequest, ProxyResponse
 from proxy.core.transport import upstream_errors
 from proxy.upstream.client import UpstreamClient, UpstreamResponse
+from proxy.upstream.encoding import coding_of, decode_stream, decode_whole
 from proxy.upstream.model import ModelRoute, Upstream
 from proxy.upstream.sse import Framer
 
@@ -72,11 +73,15 @@ class Lease:
 
 
 class Sender:
-    """Sends one request to one upstream with only the headers we choose."""
+    """Sends one request to one upstream with only the headers we choose; relays only bodies
+    it can read (an encoded one is decoded or refused: proxy.upstream.encoding)."""
 
-    def __init__(self, client: UpstreamClient, max_event_bytes: int) -> None:
+    def __init__(
+        self, client: UpstreamClient, max_event_bytes: int, max_decoded: int = 32 * 1024 * 1024
+    ) -> None:
         self._client = client
         self._max_event = max_event_bytes
+        self._max_decoded = max_decoded
 
     async def send(
         self, request: ProxyRequest, lease: Lease, state: StreamState, overflow: bool
@@ -109,8 +114,12 @@ class Sender:
             response = await self._client.send(outbound)
         status = response.status_code
         try:
+            with upstream_errors(label):
+                coding = coding_of(response.content_encoding)
             if request.stream and status < 400:
                 chunks = response.aiter_raw()
+                if coding is not None:
+                    chunks = decode_stream(chunks, coding)
                 with upstream_errors(label):
                     first = await anext(chunks, b"")
                 if not first:
@@ -122,7 +131,10 @@ class Sender:
                     stream=_Stream(relay, response, lease),
                 )
             with upstream_errors(label):
-                content = await response.aread()
+                if coding is None:
+                    content = await response.aread()
+                else:
+                    content = await decode_whole(response.aiter_raw(), coding, self._max_decoded)
         except BaseException:
             await response.aclose()
             raise

@@ -26,6 +26,8 @@ class UpstreamResponse(Protocol):
     def headers(self) -> Mapping[str, str]: ...
     @property
     def content_type(self) -> str: ...
+    @property
+    def content_encoding(self) -> str | None: ...
     async def aread(self) -> bytes: ...
     def aiter_raw(self) -> AsyncIterator[bytes]: ...
     async def aclose(self) -> None: ...
@@ -91,6 +93,11 @@ class _HttpxResponse:
     @property
     def content_type(self) -> str:
         return str(self._response.headers.get("content-type", "application/json"))
+
+    @property
+    def content_encoding(self) -> str | None:
+        value = self._response.headers.get("content-encoding")
+        return None if value is None else str(value)
 
     async def aread(self) -> bytes:
         return await self._response.aread()

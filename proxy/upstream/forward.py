@@ -24,6 +24,7 @@ from proxy.core.config import BackpressureConfig
 from proxy.core.errors import (
     CircuitOpen,
     ContextLengthExceeded,
+    Overloaded,
     UpstreamError,
     UpstreamServerError,
     UpstreamTimeout,
@@ -76,8 +77,9 @@ class Forwarder:
         *,
         affinity_messages: int = 0,
         max_event_bytes: int = 4 * 1024 * 1024,
+        max_decoded_bytes: int = 32 * 1024 * 1024,
     ) -> None:
-        self._sender = Sender(client, max_event_bytes)
+        self._sender = Sender(client, max_event_bytes, max_decoded_bytes)
         self._modules = modules
         self.retry = self._retry = modules.retry  # public for metrics and tests
         self._balancer = modules.balancer
@@ -206,6 +208,14 @@ class Forwarder:
             lease.succeeded()  # the engine answered, correctly
             lease.release()
             raise
+        except Overloaded as exc:
+            # The proxy's own connection pool stayed full (proxy.core.transport): a local
+            # limit, neither a failure nor a success of the engine, and nothing was sent. Shed
+            # like a full queue; a retry would find no free connection either.
+            upstream.attempts -= 1
+            lease.abandoned()
+            lease.release()
+            raise lease.route.admission.refuse(request.outcome, "pool_full") from exc
         except asyncio.CancelledError as exc:
             if timed_out(exc):
                 lease.failed()

@@ -112,6 +112,37 @@ def test_dict_config_applies_level_and_format() -> None:
     assert isinstance(logging.getLogger("uvicorn").handlers[0].formatter, JsonFormatter)
 
 
+def test_other_libraries_records_are_json_lines_even_with_a_traceback() -> None:
+    # asyncio logs an exception escaping a protocol callback with its traceback: through the
+    # root logger it is one JSON object on one line like every other record.
+    logging.config.dictConfig(dict_config(LoggingConfig()))
+    root = logging.getLogger()
+    [handler] = root.handlers
+    assert isinstance(handler, StderrHandler) and isinstance(handler.formatter, JsonFormatter)
+    assert root.level == logging.WARNING
+    try:
+        raise RuntimeError("line one\nline two\r\n\u2028forged")
+    except RuntimeError:
+        record = logging.LogRecord(
+            "asyncio", logging.ERROR, __file__, 1, "Fatal error on transport\nprotocol: x", (),
+            sys.exc_info(),
+        )  # fmt: skip
+    line = handler.format(record)
+    assert len(line.splitlines()) == 1, line
+    data = orjson.loads(line)
+    assert data["logger"] == "asyncio" and data["msg"].startswith("Fatal error")
+    assert "RuntimeError: line one" in data["exc"] and "\u2028forged" in data["exc"]
+
+
+@pytest.mark.parametrize("text", ["\u2028", "\u2029", "\x85", "\x7f", "\x9b", "\x1b[2J", "\ud800"])
+def test_json_lines_escape_every_separator_and_control(text: str) -> None:
+    line = JsonFormatter().format(_record(model=f"a{text}b"))
+    assert len(line.splitlines()) == 1
+    assert line.isascii() or not any(0x7F <= ord(c) <= 0x9F or c in "\u2028\u2029" for c in line)
+    if text != "\ud800":
+        assert orjson.loads(line)["model"] == f"a{text}b"
+
+
 @pytest.mark.parametrize(
     ("status", "error", "cancelled", "started", "details", "outcome"),
     [
@@ -173,3 +204,115 @@ def test_batched_lines_are_written_at_flush_others_at_once(tmp_path: Path) -> No
         assert orjson.loads(path.read_bytes().splitlines()[-1])["request_id"] == "r2"
     finally:
         os.close(fd)
+
+
+# -- text lines cannot be forged -------------------------------------------------------------------
+
+FORGERIES = {
+    "newline-and-a-fake-line": "x\n2026-01-01T00:00:00.000Z INFO    vgate.request: status=200",
+    "carriage-return": "x\rstatus=200",
+    "crlf": "x\r\nkey=admin",
+    "tab": "a\tb",
+    "nul": "a\x00b",
+    "escape-sequence": "\x1b[2J\x1b[31mred",
+    "del-and-c1": "a\x7fb\x85c\x9bd",
+    "line-separator": "a\u2028status=200",
+    "paragraph-separator": "a\u2029b",
+    "space-and-a-fake-pair": "tiny status=200",
+    "equals": "a=b",
+    "quote": 'a"b',
+    "backslash-escapes-spelled-out": "a\\nb\\x00",
+    "empty": "",
+    "quoted-already": '"tiny"',
+}
+
+
+def _logfmt(line: str) -> tuple[str, dict[str, str]]:
+    """(msg, pairs) of a text line: `ts LEVEL logger: msg key=value ...`, values unescaped."""
+    _, _, rest = line.partition(": ")
+    tokens: list[str] = []
+    i = 0
+    while i < len(rest):
+        if rest[i] == " ":
+            i += 1
+            continue
+        j, quoted = i, False
+        while j < len(rest) and (quoted or rest[j] != " "):
+            if rest[j] == "\\":
+                j += 1
+            elif rest[j] == '"':
+                quoted = not quoted
+            j += 1
+        tokens.append(rest[i:j])
+        i = j
+    msg = []
+    while tokens and "=" not in tokens[0].split('"', 1)[0]:
+        msg.append(tokens.pop(0))
+    pairs = {}
+    for token in tokens:
+        key, _, value = token.partition("=")
+        pairs[key] = _unescape(value[1:-1] if value.startswith('"') else value)
+    return " ".join(msg), pairs
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        c = text[i]
+        if c != "\\":
+            out.append(c)
+            i += 1
+            continue
+        nxt = text[i + 1]
+        if nxt in "nrt":
+            out.append({"n": "\n", "r": "\r", "t": "\t"}[nxt])
+            i += 2
+        elif nxt == "x":
+            out.append(chr(int(text[i + 2 : i + 4], 16)))
+            i += 4
+        elif nxt == "u":
+            out.append(chr(int(text[i + 2 : i + 6], 16)))
+            i += 6
+        else:
+            out.append(nxt)
+            i += 2
+    return "".join(out)
+
+
+@pytest.mark.parametrize("text", list(FORGERIES.values()), ids=list(FORGERIES))
+def test_text_lines_escape_client_text_in_fields(text: str) -> None:
+    line = TextFormatter().format(_record(model=text, status=404, outcome="client_error"))
+    assert len(line.splitlines()) == 1, line
+    assert line.isprintable(), line
+    msg, pairs = _logfmt(line)
+    assert msg == "hello"
+    assert pairs == {"model": text, "status": "404", "outcome": "client_error"}
+
+
+@pytest.mark.parametrize("text", list(FORGERIES.values()), ids=list(FORGERIES))
+def test_text_lines_escape_client_text_in_messages(text: str) -> None:
+    record = logging.LogRecord(
+        "vgate.http", logging.INFO, __file__, 1, "refused %s: %s", ("1.2.3.4", text), None
+    )
+    record.fields = {"reason": "malformed"}
+    line = TextFormatter().format(record)
+    assert len(line.splitlines()) == 1, line
+    assert line.isprintable(), line
+    msg, pairs = _logfmt(line)
+    assert pairs == {"reason": "malformed"}  # no key forged
+    if msg.startswith('"'):
+        assert msg.endswith('"')
+        msg = msg[1:-1]
+    assert _unescape(msg).split() == f"refused 1.2.3.4: {text}".split()
+
+
+def test_text_tracebacks_are_continuation_lines() -> None:
+    try:
+        raise ValueError("boom\n2026-01-01T00:00:00.000Z ERROR   vgate.x: forged")
+    except ValueError:
+        record = logging.LogRecord("vgate.t", logging.ERROR, __file__, 1, "x", (), sys.exc_info())
+    first, *rest = TextFormatter().format(record).splitlines()
+    assert first.endswith("ERROR   vgate.t: x")
+    assert rest and all(line.startswith("  | ") for line in rest), rest
+    assert any("ValueError: boom" in line for line in rest)
+    assert all(line.isprintable() for line in rest)

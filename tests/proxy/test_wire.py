@@ -17,13 +17,14 @@ from typing import Any
 
 import pytest
 
-from proxy.core.errors import UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
+from proxy.core.errors import Overloaded, UpstreamError, UpstreamStreamBroken, UpstreamUnreachable
 from proxy.core.transport import upstream_errors
 from proxy.upstream.wire import (
     WireClient,
     WireClosed,
     WireConnectError,
     WireConnectTimeout,
+    WirePoolFull,
     WireProtocolError,
     WireResponse,
 )
@@ -657,11 +658,13 @@ async def test_pool_slot_timeout_then_freed_by_aclose(net: Net) -> None:
     client = net.client(max_connections=1, connect_timeout=0.2)
     held = await net.post(client, server.url)
     start = time.monotonic()
-    with pytest.raises(WireConnectTimeout):
+    with pytest.raises(WirePoolFull):
         await net.post(client, server.url)
     assert 0.15 <= time.monotonic() - start < 1.0
-    with pytest.raises(UpstreamUnreachable), upstream_errors("u"):
+    # The proxy's own limit, not the upstream's failure.
+    with pytest.raises(Overloaded) as info, upstream_errors("u"):
         await net.post(client, server.url)
+    assert info.value.status == 503 and info.value.headers["retry-after"] == "1"
     assert len(server.conns) == 1
 
     await held.aclose()
@@ -728,7 +731,7 @@ async def test_cancelled_slot_waiter_passes_the_free_slot_on(net: Net) -> None:
         start = time.monotonic()
         try:
             r = await second
-        except WireConnectTimeout:
+        except WirePoolFull:
             pytest.fail("the slot freed for the cancelled waiter was lost: the next one timed out")
         assert time.monotonic() - start < 0.5
         assert await r.aread() == b"free"
@@ -917,3 +920,200 @@ async def test_client_aclose_closes_idle_connections(net: Net) -> None:
     await client.aclose()
     for conn in server.conns:
         await wait(conn.eof)
+
+
+# -- 13. Connections out of step with their requests -------------------------------------------
+# A connection is reused only if its bytes were exactly one response to the request sent: bytes
+# after the response's end (in the same read or later), a second message, or an early answer
+# while the request is still being written all retire it, whatever the read boundaries.
+
+CL_OK = response(b"first")
+CHUNKED_OK = CHUNKED_HEAD + chunk(b"fir") + chunk(b"st") + LAST_CHUNK
+AFTER = {
+    "a-whole-second-response": response(b"unasked"),
+    "part-of-a-second-response": b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\nunas",
+    "a-status-line-prefix": b"HTTP/1.",
+    "garbage": b"zz\r\n",
+    "crlf": b"\r\n",
+    "lf": b"\n",
+    "two-crlf": b"\r\n\r\n",
+}
+
+
+def desynced(first: bytes, extra: bytes, *, apart: bool = False) -> Handler:
+    """Answers the first request with `first` followed by `extra` (in one write, or in two
+    with `apart`), every later one (and any other connection) with 'conn N'."""
+
+    async def handler(conn: Conn) -> None:
+        if conn.index == 0:
+            await conn.request()
+            if apart:
+                await conn.send(first)
+                await asyncio.sleep(0.02)
+                await conn.send(extra)
+            else:
+                await conn.send(first + extra)
+        while await conn.request() is not None:
+            await conn.send(response(f"conn {conn.index}".encode()))
+
+    return handler
+
+
+@pytest.mark.parametrize("first", [CL_OK, CHUNKED_OK], ids=["content-length", "chunked"])
+@pytest.mark.parametrize("extra", list(AFTER.values()), ids=list(AFTER))
+@pytest.mark.parametrize("apart", [False, True], ids=["same-read", "later-read"])
+async def test_bytes_after_the_response_retire_the_connection(
+    net: Net, first: bytes, extra: bytes, apart: bool
+) -> None:
+    server = await net.serve(desynced(first, extra, apart=apart))
+    client = net.client()
+    r = await net.post(client, server.url)
+    assert b"".join(await collect(r)) == b"first"
+    await wait(server.conns[0].eof)  # retired, not pooled
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+    assert len(server.conns) == 2
+    assert len(server.conns[0].requests) == 1  # the second request never went out of step
+
+
+async def test_204_with_a_body_retires_the_connection(net: Net) -> None:
+    # A 204 has no body whatever its Content-Length: the three bytes begin no response.
+    no_content = b"HTTP/1.1 204 No Content\r\ncontent-length: 3\r\n\r\n"
+    server = await net.serve(desynced(no_content, b"abc"))
+    client = net.client()
+    r = await net.post(client, server.url)
+    assert r.status_code == 204
+    assert await r.aread() == b""
+    await wait(server.conns[0].eof)
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+
+
+async def test_interim_response_followed_by_garbage_is_a_protocol_error(net: Net) -> None:
+    server = await net.serve(desynced(b"HTTP/1.1 100 Continue\r\n\r\n", b"zz\r\n\r\n"))
+    client = net.client()
+    with pytest.raises(WireProtocolError):
+        await net.post(client, server.url)
+    await wait(server.conns[0].eof)
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+
+
+async def test_an_answer_before_the_request_was_written_retires_the_connection(net: Net) -> None:
+    # The server answers after the head, before reading an 8 MiB body: what it makes of the
+    # rest of the body is unknown, so the connection must not carry another request.
+    async def handler(conn: Conn) -> None:
+        if conn.index == 0:
+            await conn.reader.readuntil(b"\r\n\r\n")
+            await conn.send(response(b"early"))
+            await conn.until_eof()
+            return
+        await answering(b"conn 1")(conn)
+
+    server = await net.serve(handler)
+    client = net.client()
+    r = await net.post(client, server.url, b"x" * (8 * 1024 * 1024))
+    assert await r.aread() == b"early"
+    await wait(server.conns[0].eof, within=BOUND)
+    assert await (await net.post(client, server.url)).aread() == b"conn 1"
+
+
+# -- 14. Protocol violations -----------------------------------------------------------------------
+# Each is a WireProtocolError for the request (never another exception, never a hang) and the
+# connection is closed.
+
+VIOLATIONS = {
+    "101-websocket": b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n"
+    b"connection: upgrade\r\n\r\n",
+    "101-bare": b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    "101-after-100": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 101 Switching Protocols\r\n\r\n",
+    "invalid-status-line": b"HTTP/1.1 2000 OK\r\n\r\n",
+    "status-line-without-version": b"200 OK\r\ncontent-length: 0\r\n\r\n",
+    "http2-preface": b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    "http2-settings-frame": b"\x00\x00\x12\x04\x00\x00\x00\x00\x00\x00\x03\x00\x00\x00\x64",
+    "http2-version": b"HTTP/2.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "ssh-banner": b"SSH-2.0-OpenSSH_9.2\r\n",
+    "rtsp-banner": b"RTSP/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "ice-banner": b"ICE/1.0 200 OK\r\ncontent-length: 0\r\n\r\n",
+    "content-length-and-chunked": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n"
+    b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    "two-content-lengths": b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+    "negative-content-length": b"HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+    "oversized-content-length": b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999999999999\r\n\r\n",
+    "transfer-coding-gzip": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nabc",
+    "transfer-coding-gzip-chunked": b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+    b"3\r\nabc\r\n0\r\n\r\n",
+    "bare-lf": b"HTTP/1.1 200 OK\ncontent-length: 2\n\nok",
+    "nul-in-header": b"HTTP/1.1 200 OK\r\nx: a\x00b\r\ncontent-length: 2\r\n\r\nok",
+    "head-too-large": b"HTTP/1.1 200 OK\r\n" + b"x-pad: " + b"a" * 70_000 + b"\r\n\r\n",
+    "too-many-header-lines": b"HTTP/1.1 200 OK\r\n" + b"x: y\r\n" * 20_000,
+    "endless-interim-responses": b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n" * 3000,
+}
+
+
+@pytest.mark.parametrize("bytes_", list(VIOLATIONS.values()), ids=list(VIOLATIONS))
+async def test_protocol_violations_are_protocol_errors(net: Net, bytes_: bytes) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(bytes_)
+        await conn.until_eof()
+
+    server = await net.serve(handler)
+    client = net.client()
+    with pytest.raises(WireProtocolError):
+        r = await net.post(client, server.url)
+        await collect(r)
+    await wait(server.conns[0].eof)
+
+
+async def test_trailers_are_read_but_bounded(net: Net) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(CHUNKED_HEAD + chunk(b"data") + b"0\r\nx-trailer: 1\r\n\r\n")
+        await conn.request()
+        # Trailers that never end: never a body byte again.
+        await conn.send(CHUNKED_HEAD + chunk(b"more") + b"0\r\n" + b"x-t: 1\r\n" * 20_000)
+        await conn.until_eof()
+
+    server = await net.serve(handler)
+    client = net.client()
+    r = await net.post(client, server.url)
+    assert b"".join(await collect(r)) == b"data"
+    assert "x-trailer" not in r.headers
+    r = await net.post(client, server.url)
+    with pytest.raises(WireProtocolError):
+        await collect(r)
+    assert len(server.conns) == 1
+    await wait(server.conns[0].eof)
+
+
+async def test_a_head_arriving_a_byte_at_a_time_is_bounded(net: Net) -> None:
+    async def handler(conn: Conn) -> None:
+        await conn.request()
+        await conn.send(b"HTTP/1.1 200 OK\r\nx-pad: ")
+        try:
+            for _ in range(70):
+                await conn.send(b"a" * 1024)
+                await asyncio.sleep(0)
+        except ConnectionError:
+            conn.eof.set()  # the client closed it mid-head
+        await conn.until_eof()
+
+    server = await net.serve(handler)
+    with pytest.raises(WireProtocolError):
+        await net.post(net.client(), server.url)
+    await wait(server.conns[0].eof)
+
+
+@pytest.mark.parametrize("status", [102, 103, 199])
+async def test_other_interim_responses_are_skipped(net: Net, status: int) -> None:
+    async def handler(conn: Conn) -> None:
+        while await conn.request() is not None:
+            await conn.send(b"HTTP/1.1 %d Interim\r\nx-interim: 1\r\n\r\n" % status)
+            await conn.send(response(b"real"))
+
+    server = await net.serve(handler)
+    client = net.client()
+    for _ in range(2):
+        r = await net.post(client, server.url)
+        assert r.status_code == 200
+        assert "x-interim" not in r.headers
+        assert await r.aread() == b"real"
+    assert len(server.conns) == 1

@@ -18,6 +18,7 @@ import pytest
 
 from proxy.upstream.retry import BudgetedRetry
 from tests.fakes.vllm import FakeVLLM
+from tests.observability.helpers import family, scrape, wait_for
 from tests.proxy.helpers import CHAT_PATH, RawClient, chat, events
 from tests.resilience.conftest import FakeFactory, GatewayFactory, closed_port_url, config
 
@@ -612,3 +613,38 @@ def test_truncate_policy_overflow_falls_back_to_the_longer_model(
     assert completions(long) == 1
     r = post(gw.base_url, chat(tokens=4))
     assert r.headers["x-vgate-upstream"] == f"{short.base_url} tiny"
+
+
+async def test_a_full_connection_pool_sheds_without_counting_against_the_engine(
+    fakes: FakeFactory, gateway: GatewayFactory
+) -> None:
+    # The proxy's own pool (upstream.max_connections) is full for longer than connect_timeout:
+    # a local limit, like a full queue. The engine did nothing wrong: its breaker must not
+    # open, the request is not retried (there is no free connection for a retry either).
+    fake = fakes(defaults={"first_byte_delay": 1.0})
+    gw = gateway(
+        config(
+            {"tiny": {"upstreams": [fake.base_url]}},
+            {"breaker": {"fail_max": 2}, "retry": {"attempts": 3}},
+            upstream={"max_connections": 2, "connect_timeout": 0.2},
+            admin={"enabled": True, "port": 0},
+        )
+    )
+    async with httpx.AsyncClient(base_url=gw.base_url, timeout=10) as client:
+        answers = await asyncio.gather(*(client.post(CHAT_PATH, json=chat()) for _ in range(8)))
+        statuses = sorted(r.status_code for r in answers)
+        assert statuses == [200] * 2 + [503] * 6, [r.text for r in answers]
+        for r in answers:
+            if r.status_code == 503:
+                assert r.json()["error"]["code"] == "overloaded"
+                assert int(r.headers["retry-after"]) >= 1
+        breaker = gw.upstream().breaker
+        assert breaker.current_state == "closed"
+        assert breaker.fail_counter == 0
+        assert gw.upstream().failures == 0
+        assert gw.upstream().inflight == 0
+        assert len(fake.completions) == 2  # nothing retried
+        assert (await client.post(CHAT_PATH, json=chat())).status_code == 200
+    assert wait_for(gw.server, "vgate_shed_total", model="tiny", reason="pool_full") == 6
+    shed = {"model": "tiny", "route": "chat/completions", "status": "503", "outcome": "shed"}
+    assert family(scrape(gw.server), "vgate_requests_total")[frozenset(shed.items())] == 6

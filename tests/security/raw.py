@@ -70,8 +70,12 @@ class Response:
 class Conn:
     """One connection to the server at `port`."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, source: str | None = None) -> None:
+        # `source`: the client's address (any 127.x.y.z is this host's loopback too).
+        bind = (source, 0) if source is not None else None
+        self.sock = socket.create_connection(
+            ("127.0.0.1", port), timeout=timeout, source_address=bind
+        )
         self.opened = time.monotonic()
         self.buffer = b""
         self.eof = False

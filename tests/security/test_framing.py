@@ -6,6 +6,8 @@ it: the fake's record tells. A refusal is an OpenAI-shaped 400/431 and the conne
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from proxy.telemetry.metrics import ProxyMetrics
@@ -268,10 +270,51 @@ def test_upgrade_header_without_connection_upgrade_is_just_a_header(
 # -- the connection limit ------------------------------------------------------------------------
 
 
+SLOW = chat_body(fake={"first_byte_delay": 0.4})
+
+
+@pytest.mark.parametrize("limit", [1, 2, 3])
+def test_exactly_max_concurrency_connections_and_requests_are_served(
+    fake: FakeVLLM, proxy: ProxyFactory, limit: int
+) -> None:
+    # server.max_concurrency counts open connections and requests in flight: `limit` of each
+    # are served, the first one above it is refused.
+    port = int(proxy(server={"max_concurrency": limit}).rsplit(":", 1)[1])
+    conns = [Conn(port) for _ in range(limit)]
+    try:
+        for conn in conns:
+            conn.send(request(method="GET", target="/health"))
+        assert [conn.response().status for conn in conns] == [200] * limit
+        for conn in conns:  # `limit` requests at once, on `limit` connections
+            conn.send(request(SLOW))
+        with Conn(port) as extra:  # one connection more, while they are in flight
+            extra.send(request(method="GET", target="/health"))
+            response = extra.response()
+            assert response.status == 503
+            assert response.error()["code"] == "overloaded"
+            assert response.headers["retry-after"] == "1"
+            assert extra.closed()
+        assert [conn.response().status for conn in conns] == [200] * limit
+    finally:
+        for conn in conns:
+            conn.close()
+    assert len(forwarded(fake)) == limit
+
+
+def test_a_keep_alive_client_at_the_limit_is_served_request_after_request(
+    fake: FakeVLLM, proxy: ProxyFactory
+) -> None:
+    # An answered request's task lingers a moment after its response: not a request in flight.
+    port = int(proxy(server={"max_concurrency": 1}).rsplit(":", 1)[1])
+    with Conn(port) as conn:
+        for i in range(30):
+            conn.send(request(BODY) if i % 2 else request(method="GET", target="/health"))
+            assert conn.response().status == 200, i
+
+
 def test_connection_limit_overflow_is_an_openai_503(fake: FakeVLLM, proxy: ProxyFactory) -> None:
-    # server.max_concurrency (uvicorn's limit_concurrency) counts connections and requests.
     port = int(proxy(server={"max_concurrency": 2}).rsplit(":", 1)[1])
-    with Conn(port), Conn(port) as conn:
+    with Conn(port), Conn(port), Conn(port) as conn:
         conn.send(request(BODY))
         response = conn.response()
         assert response.status == 503
@@ -299,3 +342,68 @@ def test_refusals_are_counted_by_reason(fake: FakeVLLM, server: ProxyServer) -> 
     }
     text = metrics.registry.render().decode()
     assert 'vgate_http_refused_total{reason="malformed"}' in text
+
+
+# -- HTTP/1.0 clients (a proxy in front speaking 1.0) ---------------------------------------------
+
+
+def http10(data: bytes) -> bytes:
+    return data.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+
+
+def until_close(conn: Conn) -> tuple[int, dict[str, str], bytes]:
+    """A response read to the end of the connection: (status, headers, body as sent)."""
+    head = conn._until(b"\r\n\r\n", time.monotonic() + 10).decode("latin-1")
+    assert conn.closed(within=10), "the connection stayed open"
+    line, *lines = head.split("\r\n")
+    headers = {}
+    for raw in lines:
+        name, _, value = raw.partition(":")
+        assert name.strip().lower() not in headers, f"{name} twice"
+        headers[name.strip().lower()] = value.strip()
+    return int(line.split(" ")[1]), headers, conn.buffer
+
+
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["plain", "keep-alive-asked"])
+def test_a_stream_to_an_http10_client_is_framed_by_the_close(
+    server: ProxyServer, keep_alive: bool
+) -> None:
+    extra = [("Connection", "keep-alive")] if keep_alive else []
+    with Conn(server.port) as conn:
+        conn.send(http10(request(chat_body(stream=True, max_tokens=5), headers=extra)))
+        status, headers, body = until_close(conn)
+    assert status == 200
+    assert headers["content-type"].startswith("text/event-stream")
+    assert "transfer-encoding" not in headers  # HTTP/1.0 has no chunked coding
+    assert "content-length" not in headers
+    assert headers["connection"] == "close"
+    assert body.startswith(b"data: {")  # the events themselves, no chunk sizes
+    assert body.endswith(b"data: [DONE]\n\n")
+    assert body.count(b"data: ") == 5 + 2  # the role delta, 5 tokens, [DONE]
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (request(BODY), 200),
+        (request(method="GET", target="/health"), 200),
+        (request(method="GET", target="/v1/models"), 200),
+        (request(method="GET", target="/nowhere"), 404),
+        (request(b"{not json"), 400),
+    ],
+    ids=["completion", "health", "models", "not-found", "bad-json"],
+)
+@pytest.mark.parametrize("keep_alive", [False, True], ids=["plain", "keep-alive-asked"])
+def test_a_whole_answer_to_an_http10_client_has_its_length(
+    server: ProxyServer, data: bytes, status: int, keep_alive: bool
+) -> None:
+    if keep_alive:
+        data = data.replace(b"\r\n\r\n", b"\r\nConnection: keep-alive\r\n\r\n", 1)
+    with Conn(server.port) as conn:
+        conn.send(http10(data))
+        got, headers, body = until_close(conn)
+    assert got == status
+    assert "transfer-encoding" not in headers
+    assert int(headers["content-length"]) == len(body)
+    # Keep-alive is never offered to 1.0: the proxy closes after every answer.
+    assert headers["connection"] == "close"

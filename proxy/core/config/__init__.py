@@ -82,6 +82,7 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> tuple[Config | None
     if cfg is not None:
         _check_upstreams(cfg, binder)
         _check_admin(cfg, binder)
+        _check_server(cfg, binder)
         _check_fallbacks(cfg, binder)
     return cfg, binder.problems
 
@@ -122,6 +123,16 @@ def _check_admin(cfg: Config, binder: Binder) -> None:
         )
     if admin.port == cfg.server.port:
         binder.problem("admin.port", f"{admin.port} is the main listener's port")
+
+
+def _check_server(cfg: Config, binder: Binder) -> None:
+    server = cfg.server
+    per_client, total = server.max_connections_per_client, server.max_concurrency
+    if per_client is not None and total is not None and per_client > total:
+        binder.problem(
+            "server.max_connections_per_client",
+            f"{per_client} is more than server.max_concurrency ({total}): it would never apply",
+        )
 
 
 def _check_fallbacks(cfg: Config, binder: Binder) -> None:

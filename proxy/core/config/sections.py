@@ -26,6 +26,11 @@ class ServerConfig:
     # Seconds SIGTERM waits for open streams before cancelling them upstream.
     drain_timeout: float = check(non_negative, 30.0)
     max_concurrency: int | None = check(lambda v: positive(v) if v is not None else None, None)
+    # Connections one client address may hold (IPv6: one /64); unset, because behind a
+    # reverse proxy or load balancer every client has that one address.
+    max_connections_per_client: int | None = check(
+        lambda v: positive(v) if v is not None else None, None
+    )
     # Unbounded `n` or message counts let one request exhaust an engine.
     max_n: int = check(positive, 16)
     max_messages: int = check(positive, 10_000)
@@ -53,6 +58,9 @@ class UpstreamConfig:
     # Longest silence between two chunks of a stream; streams have no total timeout.
     stream_idle_timeout: float = check(positive, 60.0)
     max_connections: int = check(positive, 1000)
+    # A body the engine sends gzip/deflate-encoded anyway is decoded; a whole one past this
+    # many decoded bytes is a 502 (a small body can decode to gigabytes).
+    max_decoded_bytes: int = check(positive, 32 * 1024 * 1024)
     # Below the 5 s keep-alive of uvicorn (vLLM's server): a pooled connection must never race
     # the server closing it.
     keepalive_expiry: float = check(positive, 4.0)
