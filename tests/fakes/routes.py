@@ -1,0 +1,103 @@
+"""Which request goes to which answer: the route table of the fake vLLM.
+
+A route names its method, its handler, whether it is an inference request (counted in
+`inflight`, what `/metrics` reports as running), and whether the `"fake"` faults apply to it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from tests.fakes.record import Seen
+from tests.fakes.replies import Fault, Reply, Stream, Whole, json_reply
+from tests.fakes.shapes import (
+    SSE_DONE,
+    error_body,
+    model_not_found,
+    prompt_tokens,
+    stream_error_event,
+    stream_events,
+    whole_answer,
+)
+
+if TYPE_CHECKING:
+    from tests.fakes.vllm import FakeVLLM
+
+Handler = Callable[["FakeVLLM", Seen, Any, Fault], Reply]
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    handler: Handler
+    inference: bool = False  # counted in inflight and in `FakeVLLM.completions`
+    faults: bool = False  # the `"fake"` knobs and `FakeVLLM.defaults` apply
+    json_body: bool = False  # needs a JSON object body (else vLLM's 400)
+
+
+def _health(fake: FakeVLLM, seen: Seen, body: Any, fault: Fault) -> Reply:
+    return Whole(200, b"")
+
+
+def _models(fake: FakeVLLM, seen: Seen, body: Any, fault: Fault) -> Reply:
+    return Whole(200, fake.models_body())
+
+
+def _metrics(fake: FakeVLLM, seen: Seen, body: Any, fault: Fault) -> Reply:
+    return Whole(200, fake.metrics_body(), "text/plain; version=0.0.4; charset=utf-8")
+
+
+def _tokenize(fake: FakeVLLM, seen: Seen, body: dict[str, Any], fault: Fault) -> Reply:
+    if fake.tokenize_status != 200:
+        status = fake.tokenize_status
+        return Whole(status, error_body("tokenizer unavailable", "Error", status))
+    count = prompt_tokens(body)
+    tokens = list(range(count))
+    return json_reply({"count": count, "max_model_len": fake.max_model_len, "tokens": tokens})
+
+
+def _complete(fake: FakeVLLM, seen: Seen, body: dict[str, Any], fault: Fault) -> Reply:
+    """/v1/chat/completions and /v1/completions."""
+    if body.get("model") != fake.model:
+        return Whole(404, model_not_found(body.get("model"), fake.model))
+    chat = seen.route == "/v1/chat/completions"
+    max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+    tokens = int(fault.get("tokens", max_tokens or 8))
+    pad = "." * int(fault.get("token_padding") or 0)
+    rid = ("chatcmpl-" if chat else "cmpl-") + (seen.headers.get("x-request-id") or "fake")
+    if not body.get("stream"):
+        return json_reply(whole_answer(body, chat, tokens, rid, pad))
+    events = stream_events(body, chat, tokens, rid, pad)
+    return Stream(events, tail=(SSE_DONE,), error=(stream_error_event(), SSE_DONE))
+
+
+def _api(handler: Handler) -> Route:
+    """A POST inference route of the OpenAI surface: JSON body, faults apply."""
+    return Route("POST", handler, inference=True, faults=True, json_body=True)
+
+
+_ALWAYS = {
+    "/health": Route("GET", _health),
+    "/v1/models": Route("GET", _models),
+    "/metrics": Route("GET", _metrics),
+    "/tokenize": Route("POST", _tokenize, json_body=True),
+}
+_GENERATE = {
+    "/v1/chat/completions": _api(_complete),
+    "/v1/completions": _api(_complete),
+}
+INFERENCE = frozenset(p for p, r in _GENERATE.items() if r.inference)
+
+_ROUTES = {**_ALWAYS, **_GENERATE}
+
+
+def resolve(path: str, fake: FakeVLLM) -> Route | None:
+    """The route serving `path` (no query string) on this fake's engine, if any."""
+    return _ROUTES.get(path)
+
+
+def not_found() -> Whole:
+    return Whole(404, orjson.dumps({"detail": "Not Found"}))
