@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from tests.fakes.chat_tools import calls_for, tool_stream_events, whole_tool_answer
 from tests.fakes.record import Seen
 from tests.fakes.replies import Fault, Reply, Stream, Whole, json_reply
 from tests.fakes.shapes import (
@@ -59,18 +60,44 @@ def _tokenize(fake: FakeVLLM, seen: Seen, body: dict[str, Any], fault: Fault) ->
     return json_reply({"count": count, "max_model_len": fake.max_model_len, "tokens": tokens})
 
 
+def _tool_choice_error(fake: FakeVLLM, body: dict[str, Any]) -> Whole | None:
+    """vLLM's 400 for a tool_choice that needs a tool parser the engine was started without."""
+    choice = body.get("tool_choice")
+    if fake.tool_parser is not None or not body.get("tools") or choice in (None, "none"):
+        return None
+    if choice == "auto":
+        message = (
+            '"auto" tool choice requires --enable-auto-tool-choice and --tool-call-parser to be set'
+        )
+    else:
+        name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+        desc = f'function "{name}"' if name else f'"{choice}"'
+        message = f"tool_choice={desc} requires --tool-call-parser to be set"
+    return Whole(400, error_body(message, "BadRequestError", 400))
+
+
 def _complete(fake: FakeVLLM, seen: Seen, body: dict[str, Any], fault: Fault) -> Reply:
     """/v1/chat/completions and /v1/completions."""
     if body.get("model") != fake.model:
         return Whole(404, model_not_found(body.get("model"), fake.model))
     chat = seen.route == "/v1/chat/completions"
+    rejected = _tool_choice_error(fake, body) if chat else None
+    if rejected is not None:
+        return rejected
     max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
     tokens = int(fault.get("tokens", max_tokens or 8))
     pad = "." * int(fault.get("token_padding") or 0)
     rid = ("chatcmpl-" if chat else "cmpl-") + (seen.headers.get("x-request-id") or "fake")
-    if not body.get("stream"):
+    calls = calls_for(body, fault) if chat and fake.tool_parser else []
+    stream = bool(body.get("stream"))
+    if calls:
+        if not stream:
+            return json_reply(whole_tool_answer(body, calls, rid))
+        events = tool_stream_events(body, calls, rid)
+    elif not stream:
         return json_reply(whole_answer(body, chat, tokens, rid, pad))
-    events = stream_events(body, chat, tokens, rid, pad)
+    else:
+        events = stream_events(body, chat, tokens, rid, pad)
     return Stream(events, tail=(SSE_DONE,), error=(stream_error_event(), SSE_DONE))
 
 

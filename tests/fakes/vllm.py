@@ -4,7 +4,7 @@ It speaks the shapes vLLM 0.32.0 answers with over real sockets, so streaming, d
 keep-alive behaviour of the proxy is tested for real:
 
     GET  /health /v1/models /metrics          POST /tokenize
-    POST /v1/chat/completions /v1/completions (stream and not)
+    POST /v1/chat/completions /v1/completions (stream and not; tool calls: tests.fakes.chat_tools)
 
 Streams are framed exactly like vLLM's: `data:` events ending with `data: [DONE]`.
 
@@ -36,6 +36,8 @@ fields untouched), merged over the server-wide `FakeVLLM.defaults`:
     fail_first, fail_with   the first `fail_first` requests with the same X-Request-ID get the
                             faults in `fail_with` (default {"status": 502}) merged in: an
                             upstream that fails once, then works (what retries are for)
+    tool_call               with `tools` in the request: answer tool call(s) instead of text
+                            (see tests.fakes.chat_tools; "required"/named tool_choice always do)
 
 What it saw is recorded for assertions (thread-safe): `connections`, `requests`, `cancelled`
 (responses the client abandoned before they were complete), `inflight` and `max_inflight`.
@@ -102,6 +104,7 @@ class FakeVLLM:
         record: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         guarded: tuple[str, ...] = ("/v1", "/v2", "/inference"),
+        tool_parser: str | None = "hermes",
     ) -> None:
         self.host = host
         # Serve https:// with this context (an engine behind TLS).
@@ -122,6 +125,8 @@ class FakeVLLM:
         # endpoint down or disabled) with an error body of that status.
         self.tokenize_status = 200
         self.record_requests = record
+        # None: as vLLM without --enable-auto-tool-choice --tool-call-parser (tools get a 400).
+        self.tool_parser = tool_parser
         self.seen = Record()
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
