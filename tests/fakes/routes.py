@@ -5,12 +5,14 @@ A route names its method, its handler, whether it is an inference request (count
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from tests.fakes import responses_api
 from tests.fakes.chat_tools import calls_for, tool_stream_events, whole_tool_answer
 from tests.fakes.record import Seen
 from tests.fakes.replies import Fault, Reply, Stream, Whole, json_reply
@@ -101,6 +103,23 @@ def _complete(fake: FakeVLLM, seen: Seen, body: dict[str, Any], fault: Fault) ->
     return Stream(events, tail=(SSE_DONE,), error=(stream_error_event(), SSE_DONE))
 
 
+def _retrieve(fake: FakeVLLM, seen: Seen, body: Any, fault: Fault) -> Reply:
+    return responses_api.retrieve(fake, seen, _response_id(seen))
+
+
+def _cancel(fake: FakeVLLM, seen: Seen, body: Any, fault: Fault) -> Reply:
+    return responses_api.cancel(fake, seen, _response_id(seen))
+
+
+_RESPONSE_ID = re.compile(r"^/v1/responses/([^/]+)(/cancel)?$")
+
+
+def _response_id(seen: Seen) -> str:
+    match = _RESPONSE_ID.match(seen.route)
+    assert match is not None
+    return match.group(1)
+
+
 def _api(handler: Handler) -> Route:
     """A POST inference route of the OpenAI surface: JSON body, faults apply."""
     return Route("POST", handler, inference=True, faults=True, json_body=True)
@@ -115,7 +134,10 @@ _ALWAYS = {
 _GENERATE = {
     "/v1/chat/completions": _api(_complete),
     "/v1/completions": _api(_complete),
+    "/v1/responses": _api(responses_api.create),
 }
+_RETRIEVE = Route("GET", _retrieve, faults=True)
+_CANCEL = Route("POST", _cancel, faults=True)
 INFERENCE = frozenset(p for p, r in _GENERATE.items() if r.inference)
 
 _ROUTES = {**_ALWAYS, **_GENERATE}
@@ -123,7 +145,13 @@ _ROUTES = {**_ALWAYS, **_GENERATE}
 
 def resolve(path: str, fake: FakeVLLM) -> Route | None:
     """The route serving `path` (no query string) on this fake's engine, if any."""
-    return _ROUTES.get(path)
+    route = _ROUTES.get(path)
+    if route is None:
+        match = _RESPONSE_ID.match(path)
+        if match is not None:
+            cancel = match.group(2) is not None
+            route = _CANCEL if cancel else _RETRIEVE
+    return route
 
 
 def not_found() -> Whole:

@@ -5,21 +5,28 @@ keep-alive behaviour of the proxy is tested for real:
 
     GET  /health /v1/models /metrics          POST /tokenize
     POST /v1/chat/completions /v1/completions (stream and not; tool calls: tests.fakes.chat_tools)
+    POST /v1/responses  GET /v1/responses/{id}  POST /v1/responses/{id}/cancel
+         (stream and not, background, previous_response_id: tests.fakes.responses_api)
 
-Streams are framed exactly like vLLM's: `data:` events ending with `data: [DONE]`.
+Each stream is framed as its route's is in vLLM: `data:` events ending `data: [DONE]` on chat and
+completions; typed `event:` lines ending with `response.completed` (no [DONE]) on Responses.
 
 Faults are chosen per request by a `"fake"` object in the JSON body (the proxy forwards unknown
-fields untouched), merged over the server-wide `FakeVLLM.defaults`:
+fields untouched), merged over the server-wide `FakeVLLM.defaults`. They apply to every inference
+route (and to Responses retrieve/cancel, through the defaults):
 
     status, body            answer with this status and body (str, or an object sent as JSON)
     first_byte_delay        seconds before anything is sent (status line included)
     first_event_delay       stream: headers at once, the first event after this many seconds
-    token_delay             seconds between two events
+    token_delay             seconds between two events (and per token of a background response)
     tokens                  content tokens to generate (default: max_tokens, else 8)
     reset_after_events      stream: after N events, reset the connection (RST)
     hang_after_events       stream: after N events, send nothing more and keep the socket open
     never_answer            read the request, send nothing
-    error_event_after       stream: after N events, an error event then [DONE] (as vLLM does)
+    error_event_after       stream: after N events, what vLLM sends when generation fails: an
+                            error event then [DONE] (chat, completions), or a dropped
+                            connection without the chunked terminator (Responses: vLLM's
+                            stream generator raises)
     split                   stream: "every_byte", a piece size, or a list of byte offsets;
     split_delay             the body is sent in those pieces with this delay between them
     end_after_events        stream: after N events, end the response cleanly without its
@@ -42,6 +49,7 @@ fields untouched), merged over the server-wide `FakeVLLM.defaults`:
 What it saw is recorded for assertions (thread-safe): `connections`, `requests`, `cancelled`
 (responses the client abandoned before they were complete), `inflight` and `max_inflight`.
 `streams()` is a snapshot of the streams in progress: how far each got, and its backlog.
+`responses` is the Responses store (what `GET /v1/responses/{id}` answers from).
 
 In-process: `with FakeVLLM() as fake: ... fake.base_url` runs it on a background thread with its
 own loop. As a process: `python -m tests.fakes.vllm --port 8000` (the benchmark's upstream).
@@ -60,6 +68,7 @@ from typing import Any
 import orjson
 
 from tests.fakes.record import Cancelled, Record, Seen, Streaming
+from tests.fakes.responses_api import ResponseStore
 from tests.fakes.routes import INFERENCE
 from tests.fakes.shapes import (
     SSE_DONE,
@@ -105,6 +114,7 @@ class FakeVLLM:
         ssl_context: ssl.SSLContext | None = None,
         guarded: tuple[str, ...] = ("/v1", "/v2", "/inference"),
         tool_parser: str | None = "hermes",
+        responses_store: bool = True,
     ) -> None:
         self.host = host
         # Serve https:// with this context (an engine behind TLS).
@@ -127,6 +137,8 @@ class FakeVLLM:
         self.record_requests = record
         # None: as vLLM without --enable-auto-tool-choice --tool-call-parser (tools get a 400).
         self.tool_parser = tool_parser
+        # False: vLLM's default (no VLLM_ENABLE_RESPONSES_API_STORE): nothing is kept.
+        self.responses = ResponseStore(responses_store)
         self.seen = Record()
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -185,6 +197,7 @@ class FakeVLLM:
         for proto in list(self._protocols):
             proto.close()
         tasks = [p.response.task for p in self._protocols if p.response and p.response.task]
+        tasks += self.responses.take_tasks()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -249,7 +262,7 @@ class FakeVLLM:
 
     @property
     def completions(self) -> list[Seen]:
-        """Completion requests seen (the engine monitors' probes left out)."""
+        """Inference requests seen, any API (the engine monitors' probes left out)."""
         with self._cond:
             return [r for r in self.seen.requests if r.route in INFERENCE]
 
@@ -260,6 +273,7 @@ class FakeVLLM:
             self._attempts = {}
             self.kv_cache_usage = 0.0
             self.tokenize_status = 200
+        self.responses.clear()
 
     # -- answers --------------------------------------------------------------------------
     def models_body(self) -> bytes:
