@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from tests.fakes import responses_api
+from tests.fakes import messages_api, responses_api
 from tests.fakes.chat_tools import calls_for, tool_stream_events, whole_tool_answer
 from tests.fakes.record import Seen
 from tests.fakes.replies import Fault, Reply, Stream, Whole, json_reply
@@ -120,9 +120,9 @@ def _response_id(seen: Seen) -> str:
     return match.group(1)
 
 
-def _api(handler: Handler) -> Route:
-    """A POST inference route of the OpenAI surface: JSON body, faults apply."""
-    return Route("POST", handler, inference=True, faults=True, json_body=True)
+def _api(handler: Handler, inference: bool = True) -> Route:
+    """A POST route of the OpenAI/Anthropic surface: JSON body, faults apply."""
+    return Route("POST", handler, inference=inference, faults=True, json_body=True)
 
 
 _ALWAYS = {
@@ -135,6 +135,9 @@ _GENERATE = {
     "/v1/chat/completions": _api(_complete),
     "/v1/completions": _api(_complete),
     "/v1/responses": _api(responses_api.create),
+    "/v1/messages": _api(messages_api.create),
+    # Renders the prompt only: no engine request, not running in /metrics.
+    "/v1/messages/count_tokens": _api(messages_api.count_tokens, inference=False),
 }
 _RETRIEVE = Route("GET", _retrieve, faults=True)
 _CANCEL = Route("POST", _cancel, faults=True)

@@ -7,9 +7,11 @@ keep-alive behaviour of the proxy is tested for real:
     POST /v1/chat/completions /v1/completions (stream and not; tool calls: tests.fakes.chat_tools)
     POST /v1/responses  GET /v1/responses/{id}  POST /v1/responses/{id}/cancel
          (stream and not, background, previous_response_id: tests.fakes.responses_api)
+    POST /v1/messages /v1/messages/count_tokens (Anthropic: tests.fakes.messages_api)
 
 Each stream is framed as its route's is in vLLM: `data:` events ending `data: [DONE]` on chat and
-completions; typed `event:` lines ending with `response.completed` (no [DONE]) on Responses.
+completions; typed `event:` lines ending with `response.completed` (no [DONE]) on Responses;
+Anthropic's `event:` lines ending with `message_stop` on Messages.
 
 Faults are chosen per request by a `"fake"` object in the JSON body (the proxy forwards unknown
 fields untouched), merged over the server-wide `FakeVLLM.defaults`. They apply to every inference
@@ -24,9 +26,9 @@ route (and to Responses retrieve/cancel, through the defaults):
     hang_after_events       stream: after N events, send nothing more and keep the socket open
     never_answer            read the request, send nothing
     error_event_after       stream: after N events, what vLLM sends when generation fails: an
-                            error event then [DONE] (chat, completions), or a dropped
-                            connection without the chunked terminator (Responses: vLLM's
-                            stream generator raises)
+                            error event then [DONE] (chat, completions), an `event: error`
+                            (Messages), or a dropped connection without the chunked terminator
+                            (Responses: vLLM's stream generator raises)
     split                   stream: "every_byte", a piece size, or a list of byte offsets;
     split_delay             the body is sent in those pieces with this delay between them
     end_after_events        stream: after N events, end the response cleanly without its
