@@ -1,7 +1,11 @@
 """Which request goes to which answer: the route table of the fake vLLM.
 
 A route names its method, its handler, whether it is an inference request (counted in
-`inflight`, what `/metrics` reports as running), and whether the `"fake"` faults apply to it."""
+`inflight`, what `/metrics` reports as running), and whether the `"fake"` faults apply to it.
+Which routes exist depends on the engine's runner, as in vLLM: a generate model serves chat,
+completions, Responses and Messages; a pooling model serves embeddings, score and rerank; the
+fake's default serves both.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from tests.fakes import messages_api, responses_api
+from tests.fakes import messages_api, pooling, responses_api
 from tests.fakes.chat_tools import calls_for, tool_stream_events, whole_tool_answer
 from tests.fakes.record import Seen
 from tests.fakes.replies import Fault, Reply, Stream, Whole, json_reply
@@ -139,17 +143,30 @@ _GENERATE = {
     # Renders the prompt only: no engine request, not running in /metrics.
     "/v1/messages/count_tokens": _api(messages_api.count_tokens, inference=False),
 }
+_POOLING = {
+    "/v1/embeddings": _api(pooling.embeddings),
+    "/v1/score": _api(pooling.score),
+    "/score": _api(pooling.score),
+    "/v1/rerank": _api(pooling.rerank),
+    "/rerank": _api(pooling.rerank),
+    "/v2/rerank": _api(pooling.rerank),
+}
 _RETRIEVE = Route("GET", _retrieve, faults=True)
 _CANCEL = Route("POST", _cancel, faults=True)
-INFERENCE = frozenset(p for p, r in _GENERATE.items() if r.inference)
+INFERENCE = frozenset(p for p, r in {**_GENERATE, **_POOLING}.items() if r.inference)
 
-_ROUTES = {**_ALWAYS, **_GENERATE}
+
+_TABLES = {
+    None: {**_ALWAYS, **_GENERATE, **_POOLING},
+    "generate": {**_ALWAYS, **_GENERATE},
+    "pooling": {**_ALWAYS, **_POOLING},
+}
 
 
 def resolve(path: str, fake: FakeVLLM) -> Route | None:
     """The route serving `path` (no query string) on this fake's engine, if any."""
-    route = _ROUTES.get(path)
-    if route is None:
+    route = _TABLES[fake.runner].get(path)
+    if route is None and fake.runner != "pooling":
         match = _RESPONSE_ID.match(path)
         if match is not None:
             cancel = match.group(2) is not None

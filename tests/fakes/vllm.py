@@ -8,10 +8,12 @@ keep-alive behaviour of the proxy is tested for real:
     POST /v1/responses  GET /v1/responses/{id}  POST /v1/responses/{id}/cancel
          (stream and not, background, previous_response_id: tests.fakes.responses_api)
     POST /v1/messages /v1/messages/count_tokens (Anthropic: tests.fakes.messages_api)
+    POST /v1/embeddings /v1/score /score /v1/rerank /rerank /v2/rerank (tests.fakes.pooling)
 
 Each stream is framed as its route's is in vLLM: `data:` events ending `data: [DONE]` on chat and
 completions; typed `event:` lines ending with `response.completed` (no [DONE]) on Responses;
-Anthropic's `event:` lines ending with `message_stop` on Messages.
+Anthropic's `event:` lines ending with `message_stop` on Messages. `runner="generate"` or
+`"pooling"` serves only that engine kind's routes (the others 404), as a real engine does.
 
 Faults are chosen per request by a `"fake"` object in the JSON body (the proxy forwards unknown
 fields untouched), merged over the server-wide `FakeVLLM.defaults`. They apply to every inference
@@ -115,8 +117,10 @@ class FakeVLLM:
         record: bool = True,
         ssl_context: ssl.SSLContext | None = None,
         guarded: tuple[str, ...] = ("/v1", "/v2", "/inference"),
+        runner: str | None = None,
         tool_parser: str | None = "hermes",
         responses_store: bool = True,
+        embedding_dims: int = 128,
     ) -> None:
         self.host = host
         # Serve https:// with this context (an engine behind TLS).
@@ -137,10 +141,15 @@ class FakeVLLM:
         # endpoint down or disabled) with an error body of that status.
         self.tokenize_status = 200
         self.record_requests = record
+        if runner not in (None, "generate", "pooling"):
+            raise ValueError(f"runner must be None, 'generate' or 'pooling', not {runner!r}")
+        # None: every route; "generate" or "pooling": only that engine kind's (vLLM's --runner).
+        self.runner = runner
         # None: as vLLM without --enable-auto-tool-choice --tool-call-parser (tools get a 400).
         self.tool_parser = tool_parser
         # False: vLLM's default (no VLLM_ENABLE_RESPONSES_API_STORE): nothing is kept.
         self.responses = ResponseStore(responses_store)
+        self.embedding_dims = embedding_dims  # the tiny dev model's hidden size
         self.seen = Record()
         self._cond = threading.Condition()
         self._loop: asyncio.AbstractEventLoop | None = None
