@@ -54,20 +54,50 @@ class StreamState:
     finished: bool = False
     # Drop the usage-only event: the proxy asked for usage although the client did not.
     strip_usage: bool = False
+    # The upstream's id of the answer, where the family reads one (a Responses `resp_...`).
+    answer_id: bytes | None = None
+    # Bytes replaced in every block relayed (an id the client knows under another name).
+    rewrite: tuple[bytes, bytes] | None = None
 
 
 # The state of an answer that is not a stream: shared, since nothing writes it.
 NO_STREAM = StreamState()
 
 
+class Conversation:
+    """A request's prompt as chat messages, for the truncate policy: `messages` is what is
+    counted (`/tokenize` with the chat template), `turns` the groups of indexes into it that
+    may be dropped together (oldest first), and `keep(indexes)` writes the body back holding
+    only those messages. Families whose prompt is a conversation return one."""
+
+    def __init__(self, messages: list[dict[str, Any]], turns: list[list[int]]) -> None:
+        self.messages = messages
+        self.turns = turns
+
+    def keep(self, indexes: list[int]) -> None:
+        raise NotImplementedError
+
+
 class Api:
     """Base of the route families; the defaults fit an OpenAI-shaped JSON route."""
 
     name: ClassVar[str]  # metrics label ("chat/completions"), also the log line's path
-    upstream_path: ClassVar[str]  # where the engine serves it ("/v1/chat/completions")
+    # Where the engine serves it ("/v1/chat/completions"; `{name}` takes a path parameter).
+    upstream_path: ClassVar[str]
+    method: ClassVar[str] = "POST"  # how the engine is asked
     errors: ClassVar[ErrorShape] = "openai"
     # Policies that apply to this family; None: all (an embedding has no window to fit).
     policies: ClassVar[frozenset[str] | None] = None
+    # Whether token reservations hold an output budget (an embedding generates nothing).
+    generates: ClassVar[bool] = True
+    # Built-in stages that run after the configured policies (names in the runtime's registry).
+    stages: ClassVar[tuple[str, ...]] = ()
+    # Query parameters passed to the engine (all others are dropped).
+    query: ClassVar[frozenset[str]] = frozenset()
+    # Response headers relayed besides content-type (e.g. an embedding's `metadata`).
+    relay_headers: ClassVar[tuple[str, ...]] = ()
+    # Read from the path, not the body: the route has no model until a stage finds it.
+    by_id: ClassVar[bool] = False
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         """Check what the proxy relies on and every bound; returns (model, stream).
@@ -96,3 +126,10 @@ class Api:
         """Look at a block of complete events; returns the block to relay (maybe without the
         usage event). Must be cheap: it runs for every chunk of every stream."""
         return block
+
+    def peek(self, first: bytes, state: StreamState) -> None:
+        """Look at the first chunk of a stream before anything is relayed (to find an id)."""
+
+    def conversation(self, body: dict[str, Any]) -> Conversation | None:
+        """The prompt as a conversation the truncate policy may fit, or None if it cannot."""
+        return None

@@ -569,9 +569,11 @@ async def test_eof_framed_body_cut_by_a_reset_is_an_error(net: Net) -> None:
         conn.reset()
 
     server = await net.serve(handler)
-    r = await net.post(net.client(), server.url)
+    # On a loaded machine the reset may come before the head is read: an error either way,
+    # never a body that ends cleanly with "partial".
     with pytest.raises(WireClosed):
         async with asyncio.timeout(BOUND):
+            r = await net.post(net.client(), server.url)
             await r.aread()
 
 
