@@ -19,14 +19,11 @@ UV         := $(UV_DIR)/bin/uv
 # machine the CPU torch wheel that the engine's lock pins is only there (PyPI has no +cpu builds),
 # behind find-links. uv gets every place pip looks, pip's constraints, and pip's rule of taking
 # the best match across all places (uv's own default stops at the first index that has a name).
-# Evaluated only when an install runs.
-pip_config = $(shell $(PYTHON) -m pip config list 2>/dev/null \
-	| sed -n "s/^[^.]*\.$(1)='\(.*\)'$$/\1/p" | tr ' ' '\n' | awk '!seen[$$0]++')
-UV_INSTALL = $(UV) pip install --quiet --index-strategy unsafe-best-match \
-	$(addprefix --index-url ,$(call pip_config,index-url)) \
-	$(addprefix --extra-index-url ,$(call pip_config,extra-index-url)) \
-	$(addprefix --find-links ,$(call pip_config,find-links)) \
-	$(addprefix --constraint ,$(call pip_config,constraint))
+# Read once (`pip config` takes 0.4 s), and only when an install runs.
+UV_SOURCES = $(eval UV_SOURCES := $(shell $(PYTHON) -m pip config list 2>/dev/null \
+	| sed -n "s/^[^.]*\.\(index-url\|extra-index-url\|find-links\|constraint\)='\(.*\)'$$/\1 \2/p" \
+	| awk '{ for (i = 2; i <= NF; i++) if (!seen[$$1, $$i]++) printf "--%s %s ", $$1, $$i }'))$(UV_SOURCES)
+UV_INSTALL = $(UV) pip install --quiet --index-strategy unsafe-best-match $(UV_SOURCES)
 # Never a downloaded interpreter: the venvs are of $(PYTHON), as the engine lock assumes.
 UV_VENV = $(UV) venv --quiet --clear --no-python-downloads --python $(PYTHON)
 
