@@ -124,9 +124,12 @@ class OpenAICompletion(Api):
         if b'"usage"' in block:
             block = take_usage(block, state)
         # [DONE] is the last event: only the block's tail can hold it (constant cost).
-        tail = block[-24:]
-        if b"[DONE]" in tail and tail.rstrip().endswith(b"[DONE]"):
+        if block.endswith(b"data: [DONE]\n\n"):
             state.finished = True
+        else:
+            tail = block[-24:]
+            if b"[DONE]" in tail and tail.rstrip().endswith(b"[DONE]"):
+                state.finished = True
         return block
 
 

@@ -174,8 +174,11 @@ def _head(request: ProxyRequest, response: ProxyResponse) -> list[Header]:
     ]
     if request.served_by:
         raw.append((b"x-vgate-upstream", request.served_by.encode("latin-1")))
-    for source in (request.response_headers, response.headers):
-        raw.extend((k.encode("latin-1"), v.encode("latin-1")) for k, v in source.items())
+    # Most answers have neither (no policy headers, no relayed ones): no loop for nothing.
+    if request.response_headers:
+        raw += _encoded(request.response_headers)
+    if response.headers:
+        raw += _encoded(response.headers)
     return raw
 
 

@@ -1,8 +1,8 @@
 """What vgate's server protocol (proxy.http.protocol) offers its endpoints beyond ASGI.
 
 Two things ASGI cannot say cheaply: "call me if the client goes away" (otherwise a watcher task
-per request awaits `receive`), and "these two messages are one response" (otherwise uvicorn
-writes the head and the body of a whole response with two syscalls and two TCP segments).
+per request awaits `receive`), and "this is a whole response" (otherwise uvicorn writes its head
+and body with two syscalls and two TCP segments, re-checking every header: proxy.http.direct).
 Endpoints find the hooks in the scope and fall back to plain ASGI when another server runs them.
 """
 
@@ -22,6 +22,10 @@ class ConnectionHooks(Protocol):
 
     def cork(self) -> Callable[[], None]:
         """Hold this response's writes until the returned function is called (it must be)."""
+
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        """Write this whole response at once (it adds content-length); False: send it as ASGI
+        messages instead."""
 
 
 def hooks(scope: Scope) -> ConnectionHooks | None:

@@ -1,31 +1,21 @@
-"""uvicorn's httptools protocol with the bounds it lacks.
+"""uvicorn's httptools protocol with the bounds it lacks (values: proxy.http.bounds).
 
-uvicorn 0.54 with httptools bounds neither the size nor the number of request headers, has no
-timeout for a request head or body that trickles in (nor for a connection that never sends a
-byte), answers framing errors with plain text, and lets a request asking for a protocol upgrade
-through although its parser then stops reading the connection. `BoundedHttpProtocol` adds:
+uvicorn 0.54 bounds neither the size nor the number of request headers, has no timeout for a
+head or body that trickles in (nor for a connection that never sends a byte), answers framing
+errors with plain text, and lets a protocol upgrade through although its parser then stops
+reading. `BoundedHttpProtocol` adds: a head timeout (from the connection's start, or a later
+head's first byte) and a body timeout (from the head's end), head size and field limits (431),
+an OpenAI-shaped 400 for framing errors llhttp detects and for upgrades, an OpenAI-shaped 503
+above `max_concurrency` (exactly above it) and `max_connections_per_client` (proxy.http.limits),
+and HTTP/1.0 streams framed by the close (proxy.http.http10). It also offers its endpoints the
+hooks of proxy.http.hooks (a disconnect callback, whole responses in one write).
 
-- head timeout: a request's line and headers must be complete `server.header_timeout` seconds
-  after the connection opened (first request) or after its first byte (later ones);
-- body timeout: its body must be complete `server.body_timeout` seconds after the head;
-- head size: at most `server.max_header_bytes` of request line and headers and
-  `server.max_headers` header fields, else 431;
-- framing errors llhttp detects (Content-Length with Transfer-Encoding, two Content-Lengths,
-  bad chunk framing, bad characters) and upgrade requests: an OpenAI-shaped 400;
-- uvicorn's `limit_concurrency` overflow: an OpenAI-shaped 503 instead of plain text, and only
-  above the limit (uvicorn refuses the limit-th connection itself);
-- `server.max_connections_per_client`: a connection above it gets an OpenAI-shaped 503 at its
-  first request head (proxy.limits);
-- HTTP/1.0 requests: a body of unknown length (a stream) framed by the close, not chunked
-  (proxy.http10).
-
-A refused connection is closed, and a handler already reading the refused request sees a
-disconnect, so nothing of it goes upstream. A request already read whole keeps its answer; the
-connection closes after it. Deadlines count from the start of the head or body, not from the
-last byte, so a client cannot stretch them by trickling.
-
-Cost: at most one timer per connection, armed only while a head or body is incomplete after a
-read; a request whose head and body arrive in one read arms none.
+A refused connection gets its answer, then our FIN, and is read until the client closes (at
+most LINGER): closing with unread bytes would make the kernel reset it under the answer. A
+handler already reading the refused request sees a disconnect, so nothing of it goes upstream;
+a request already read whole keeps its answer. Deadlines count from the start of the head or
+body, so trickling cannot stretch them. At most one timer per connection, armed only while a
+head or body is incomplete after a read.
 """
 
 from __future__ import annotations
@@ -33,11 +23,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import httptools
-from starlette.types import Receive, Scope, Send
 from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
@@ -50,35 +38,18 @@ from proxy.core.errors import (
     RequestTimeout,
     VgateError,
 )
+from proxy.http.bounds import BODY, HEAD, IDLE, LINGER, Bounds, head_size, overloaded
+from proxy.http.direct import Corked, respond
 from proxy.http.hooks import SCOPE_KEY
 from proxy.http.http10 import close_framed
 from proxy.http.limits import Listener
-from proxy.http.writer import raw_response, send_error
+from proxy.http.writer import raw_response
 
 log = logging.getLogger("vgate.http")
 
-# Where the parser is in the current request.
-IDLE, HEAD, BODY = 0, 1, 2
 
-
-@dataclass(frozen=True)
-class Bounds:
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_header_bytes: int = 64 * 1024
-    max_headers: int = 100
-    # Called with a short reason for every refused request (a metrics counter).
-    count: Callable[[str], None] | None = None
-
-    @classmethod
-    def of(cls, server: ServerConfig, count: Callable[[str], None] | None = None) -> Bounds:
-        return cls(
-            header_timeout=server.header_timeout,
-            body_timeout=server.body_timeout,
-            max_header_bytes=server.max_header_bytes,
-            max_headers=server.max_headers,
-            count=count,
-        )
+def _nothing() -> None:
+    pass
 
 
 class _Refused(Exception):
@@ -93,49 +64,6 @@ def protocol_class(
     bounds = Bounds.of(server, count)
     namespace = {"bounds": bounds, "listener": Listener(server.max_connections_per_client)}
     return type("VgateHttpProtocol", (BoundedHttpProtocol,), namespace)
-
-
-def _head_size(url: bytes, headers: list[tuple[bytes, bytes]]) -> int:
-    return len(url) + sum(len(name) + len(value) + 4 for name, value in headers)
-
-
-async def _overloaded(scope: Scope, receive: Receive, send: Send) -> None:
-    exc = Overloaded(
-        "The server is at its connection limit; retry shortly.",
-        headers={"retry-after": "1", "connection": "close"},
-    )
-    await send_error(send, None, exc)
-
-
-def _nothing() -> None:
-    pass
-
-
-class _Corked:
-    """A transport stand-in for one response: writes are joined and go out as one."""
-
-    __slots__ = ("_parts", "_transport")
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._parts: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        self._parts.append(data)
-
-    def flush(self) -> None:
-        if self._parts:
-            data = b"".join(self._parts)
-            self._parts.clear()
-            if not self._transport.is_closing():
-                self._transport.write(data)
-
-    def close(self) -> None:
-        self.flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -183,7 +111,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
                 self.connections.discard(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        self._disarm()  # and any lingering close
         if self._client_key is not None:
             self.listener.leave(self._client_key)
             self._client_key = None
@@ -245,7 +173,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # A pipelined request is queued: `self.cycle` is that one, not the caller's.
             return _nothing
         cycle = self.cycle
-        corked = _Corked(self.transport)
+        corked = Corked(self.transport)
         cycle.transport = corked  # type: ignore[assignment]
 
         def uncork() -> None:
@@ -254,12 +182,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
         return uncork
 
+    def respond(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bool:
+        if self.pipeline or self.cycle is None:
+            # A pipelined request is queued: `self.cycle` is that one, not the caller's.
+            return False
+        return respond(self.cycle, status, headers, body)
+
     def on_headers_complete(self) -> None:
         bounds = self.bounds
         if len(self.headers) > bounds.max_headers or (
             # Exact size only when the cheap count says it may be over.
             self._head_bytes > bounds.max_header_bytes
-            and _head_size(self.url, self.headers) > bounds.max_header_bytes
+            and head_size(self.url, self.headers) > bounds.max_header_bytes
         ):
             self._refusal = (self._too_large(), "headers_too_large")
             raise _Refused
@@ -282,7 +216,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         ):
             if self.bounds.count is not None:
                 self.bounds.count("overloaded")
-            app, self.app = self.app, _overloaded
+            app, self.app = self.app, overloaded
             try:
                 super().on_headers_complete()
             finally:
@@ -366,7 +300,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # given early while the body was still coming cannot be followed by another.
         if cycle is None or not cycle.response_started or not cycle.more_body:
             self._write_error(exc)
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after a refusal without destroying the answer: our FIN now, the rest of what
+        the client sends read and dropped (`_done`) until it closes or LINGER runs out."""
+        transport = self.transport
+        if transport.is_closing() or not transport.can_write_eof():
+            transport.close()
+            return
+        transport.write_eof()
+        self._timer = self.loop.call_later(LINGER, transport.close)
+        self._timer_stage = IDLE
 
     def _write_error(self, exc: VgateError) -> None:
         if not self.transport.is_closing():

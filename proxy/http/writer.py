@@ -108,6 +108,8 @@ async def send_whole(
     body: bytes,
 ) -> None:
     """A whole response, head and body in one write when the server offers it (proxy.http.hooks)."""
+    if conn is not None and conn.respond(status, headers, body):
+        return
     headers.append((b"content-length", str(len(body)).encode()))
     uncork = conn.cork() if conn is not None else None
     try:

@@ -44,6 +44,8 @@ class Framer:
     def feed(self, chunk: bytes) -> bytes:
         """The complete events that `chunk` finishes (b"" when it finishes none)."""
         if not self._pending:
+            if chunk.endswith(b"\n\n"):
+                return chunk  # whole events (an engine writes one or more at a time): no search
             cut = last_boundary(chunk)
             if cut == len(chunk):
                 return chunk  # the common case: a chunk of whole events, passed as it is

@@ -19,13 +19,23 @@ import pytest
 import uvicorn
 from packaging.specifiers import SpecifierSet
 from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import (
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 from uvicorn.server import ServerState
 
 from proxy.core.config import ServerConfig
 from proxy.http.protocol import BoundedHttpProtocol, protocol_class
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_status_lines_are_uvicorn_s_table() -> None:
+    # proxy/http/direct.py writes uvicorn's own status lines.
+    assert STATUS_LINE[200] == b"HTTP/1.1 200 OK\r\n"
+    assert all(STATUS_LINE[code].startswith(b"HTTP/1.1 %d " % code) for code in (404, 502, 503))
 
 
 def test_installed_uvicorn_is_within_the_pinned_range() -> None:
@@ -93,8 +103,16 @@ async def test_the_internals_the_subclass_reads_are_there() -> None:
             "more_body",
             "response_started",
             "keep_alive",
+            # and proxy/http/direct.py, which writes whole responses itself:
+            "disconnected",
+            "access_log",
+            "waiting_for_100_continue",
+            "default_headers",
         ):
             seen[f"cycle.{attribute}"] = getattr(cycle, attribute)
+        seen["cycle.flow.write_paused"] = cycle.flow.write_paused
+        seen["cycle.message_event"] = cycle.message_event
+        seen["cycle.on_response"] = cycle.on_response
         await receive()
         await send({"type": "http.response.start", "status": 200, "headers": []})
         await send({"type": "http.response.body", "body": b"ok"})
@@ -127,6 +145,13 @@ async def test_the_internals_the_subclass_reads_are_there() -> None:
     assert seen["cycle.response_started"] is False
     assert seen["cycle.more_body"] is False
     assert seen["cycle.keep_alive"] is True
+    assert seen["cycle.disconnected"] is False
+    assert isinstance(seen["cycle.access_log"], bool)
+    assert isinstance(seen["cycle.waiting_for_100_continue"], bool)
+    assert isinstance(seen["cycle.default_headers"], list)
+    assert seen["cycle.flow.write_paused"] is False
+    assert isinstance(seen["cycle.message_event"], asyncio.Event)
+    assert callable(seen["cycle.on_response"])
     assert transport.written.startswith(b"HTTP/1.1 200 OK\r\n")
     # The concurrency limit is taken over by the subclass (answered in OpenAI's shape).
     assert "limit_concurrency" in vars(proto)

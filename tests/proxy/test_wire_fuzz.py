@@ -13,8 +13,8 @@ Read boundaries can only be chosen exactly by feeding the connection's protocol 
 tests do, through `_Transport`, which stands in for the socket (it records what the protocol
 asks of it). One test runs the same property over real loopback sockets.
 
-CI runs the `ci` profile: derandomized, a fixed number of examples and a deadline, in a few
-seconds. `HYPOTHESIS_PROFILE=dev` runs many more.
+CI runs the `ci` profile: derandomized, a fixed number of examples, in a few seconds.
+`HYPOTHESIS_PROFILE=dev` runs many more.
 """
 
 from __future__ import annotations
@@ -36,7 +36,10 @@ from tests.proxy.test_wire import Net
 settings.register_profile(
     "ci",
     max_examples=200,
-    deadline=2000,  # ms per example: far above what one takes; a slower one is a hang
+    # No per-example deadline: on a loaded CI machine one can take seconds. The properties that
+    # feed the parser directly cannot hang, and the one over real sockets has its own timeout,
+    # so a deadline would only add flaky failures.
+    deadline=None,
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
