@@ -78,8 +78,9 @@ class AdminConfig:
 
     enabled: bool = False
     host: str = "127.0.0.1"
-    # 0 binds any free port (tests); the bound port is logged.
-    port: int = check(lambda v: None if 0 <= v < 65536 else "must be a port number or 0", 9090)
+    # 0 binds any free port (tests); the bound port is logged. Not 9090: that is Prometheus's own
+    # port, and the scraper usually runs on the same host (the listener is loopback-only).
+    port: int = check(lambda v: None if 0 <= v < 65536 else "must be a port number or 0", 9464)
     # Metrics name models, upstreams and key names: serving them beyond loopback is deliberate.
     allow_public: bool = False
 
