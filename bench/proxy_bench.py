@@ -8,6 +8,11 @@ steadiest figure on a shared machine is the proxy's CPU time per request (utime+
 
     .venv/bin/python bench/proxy_bench.py            # ~1 minute
     .venv/bin/python bench/proxy_bench.py --quick    # a smoke run of a few seconds
+    .venv/bin/python bench/proxy_bench.py --route responses   # or messages, embeddings
+
+`--route` picks the API the load speaks (chat by default): the same phases on its whole and
+streamed answers (embeddings do not stream), so the per-request and per-event CPU of each
+route can be set beside chat's.
 """
 
 from __future__ import annotations
@@ -46,19 +51,39 @@ TARGETS = {
     "rss_mb": 80.0,
 }
 
-CHAT = orjson.dumps(
-    {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 16}
-)
-STREAM = orjson.dumps(
-    {
-        "model": "tiny",
-        "messages": [{"role": "user", "content": "Say hello"}],
-        "max_tokens": 64,
-        "stream": True,
-    }
-)
+HELLO = [{"role": "user", "content": "Say hello"}]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the load sends: a route, its whole request (16 tokens), its streamed one (64
+    tokens), and the bytes that end a complete stream (in its last TAIL bytes)."""
+
+    path: str
+    whole: bytes
+    stream: bytes | None
+    end: bytes
+
+
+def _workload(path: str, budget: str, end: bytes, **body: object) -> Workload:
+    streamed = orjson.dumps({"model": "tiny", **body, budget: 64, "stream": True})
+    return Workload(path, orjson.dumps({"model": "tiny", **body, budget: 16}), streamed, end)
+
+
+WORKLOADS = {
+    "chat": _workload("/v1/chat/completions", "max_tokens", b"data: [DONE]\n\n", messages=HELLO),
+    "responses": _workload(
+        "/v1/responses", "max_output_tokens", b"event: response.completed", input="Say hello"
+    ),
+    "messages": _workload("/v1/messages", "max_tokens", b"event: message_stop", messages=HELLO),
+    "embeddings": Workload(
+        "/v1/embeddings", orjson.dumps({"model": "tiny", "input": "Say hello"}), None, b""
+    ),
+}
+# The end marker is looked for in this many last bytes (a Responses stream ends with the whole
+# response in its last event).
+TAIL = 4096
 HEADERS = {"content-type": "application/json"}
-DONE = b"data: [DONE]\n\n"
 
 
 # -- processes -----------------------------------------------------------------------------
@@ -108,10 +133,10 @@ class Run:
         return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000
 
 
-async def one_whole(session: aiohttp.ClientSession, url: str, run: Run) -> None:
+async def one_whole(session: aiohttp.ClientSession, url: str, work: Workload, run: Run) -> None:
     start = time.perf_counter()
     try:
-        async with session.post(url, data=CHAT, headers=HEADERS) as r:
+        async with session.post(url, data=work.whole, headers=HEADERS) as r:
             await r.read()
             status = str(r.status)
     except aiohttp.ClientError as exc:
@@ -120,20 +145,20 @@ async def one_whole(session: aiohttp.ClientSession, url: str, run: Run) -> None:
     run.statuses[status] += 1
 
 
-async def one_stream(session: aiohttp.ClientSession, url: str, run: Run) -> None:
+async def one_stream(session: aiohttp.ClientSession, url: str, work: Workload, run: Run) -> None:
     start = time.perf_counter()
     first = None
     events = 0
     tail = b""
     try:
-        async with session.post(url, data=STREAM, headers=HEADERS) as r:
+        async with session.post(url, data=work.stream, headers=HEADERS) as r:
             status = str(r.status)
             async for chunk in r.content.iter_any():
                 if first is None:
                     first = time.perf_counter() - start
                 # Events end at a blank line; one may straddle two reads.
                 events += (tail[-1:] + chunk).count(b"\n\n")
-                tail = (tail + chunk)[-len(DONE) :]
+                tail = (tail + chunk)[-TAIL:]
     except aiohttp.ClientError as exc:
         status = type(exc).__name__
     run.latencies.append(time.perf_counter() - start)
@@ -141,12 +166,18 @@ async def one_stream(session: aiohttp.ClientSession, url: str, run: Run) -> None
     run.events += events
     if first is not None:
         run.ttfts.append(first)
-    if tail != DONE:
+    if work.end not in tail:
         run.incomplete += 1
 
 
 async def closed_loop(
-    url: str, concurrency: int, *, stream: bool, seconds: float = 0.0, per_worker: int = 0
+    url: str,
+    work: Workload,
+    concurrency: int,
+    *,
+    stream: bool,
+    seconds: float = 0.0,
+    per_worker: int = 0,
 ) -> Run:
     """`concurrency` workers, each sending its next request as soon as the last one ended."""
     run = Run()
@@ -161,7 +192,7 @@ async def closed_loop(
             while (per_worker and done < per_worker) or (
                 not per_worker and time.perf_counter() < deadline
             ):
-                await one(session, url, run)
+                await one(session, url, work, run)
                 done += 1
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
@@ -178,6 +209,7 @@ wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = os.getenv("VGATE_BENCH_AUTH")
 wrk.body = os.getenv("VGATE_BENCH_BODY")
 local stream = os.getenv("VGATE_BENCH_STREAM") == "1"
+local ending = os.getenv("VGATE_BENCH_END")
 local threads = {}
 function setup(thread) table.insert(threads, thread) end
 function init(args) events = 0; incomplete = 0; bad = 0 end
@@ -185,7 +217,7 @@ function response(status, headers, body)
   if status ~= 200 then bad = bad + 1 end
   local _, n = string.gsub(body, "\\n\\n", "")
   events = events + n
-  if stream and status == 200 and string.sub(body, -14) ~= "data: [DONE]\\n\\n" then
+  if stream and status == 200 and not string.find(string.sub(body, -4096), ending, 1, true) then
     incomplete = incomplete + 1
   end
 end
@@ -202,15 +234,18 @@ end
 """
 
 
-def wrk_loop(url: str, concurrency: int, *, stream: bool, seconds: float, script: Path) -> Run:
+def wrk_loop(
+    url: str, work: Workload, concurrency: int, *, stream: bool, seconds: float, script: Path
+) -> Run:
     """The closed loop of `closed_loop`, driven by wrk."""
-    body = (STREAM if stream else CHAT).decode()
+    body = ((work.stream or b"") if stream else work.whole).decode()
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{max(1, round(seconds))}s", "-s", str(script), url],
         env={
             **os.environ,
             "VGATE_BENCH_BODY": body,
             "VGATE_BENCH_STREAM": str(int(stream)),
+            "VGATE_BENCH_END": work.end.decode(),
             "VGATE_BENCH_AUTH": HEADERS["authorization"],
         },
         capture_output=True,
@@ -236,8 +271,8 @@ def wrk_loop(url: str, concurrency: int, *, stream: bool, seconds: float, script
 class PathResult:
     c1: Run
     c16: Run
-    streams: Run
-    ttft: Run
+    streams: Run | None  # None: the route does not stream
+    ttft: Run | None
     cpu_ms: float | None = None
     cpu_sys_ms: float | None = None  # the kernel's part (syscalls, loopback TCP)
     cpu_ms_stream_event: float | None = None
@@ -245,28 +280,31 @@ class PathResult:
 
 
 async def measure(
-    base: str, pid: int, seconds: float, latency_n: int, wrk: Path | None
+    base: str, pid: int, work: Workload, seconds: float, latency_n: int, wrk: Path | None
 ) -> PathResult:
     """All phases against `base`; CPU and RSS are those of process `pid` (the server)."""
-    chat = f"{base}/v1/chat/completions"
-    await closed_loop(chat, 16, stream=False, per_worker=50)  # warm up pools and caches
-    c1 = await closed_loop(chat, 1, stream=False, per_worker=latency_n)
+    url = base + work.path
+
+    async def loop(concurrency: int, stream: bool) -> Run:
+        if wrk is not None:
+            return wrk_loop(url, work, concurrency, stream=stream, seconds=seconds, script=wrk)
+        return await closed_loop(url, work, concurrency, stream=stream, seconds=seconds)
+
+    await closed_loop(url, work, 16, stream=False, per_worker=50)  # warm up pools and caches
+    c1 = await closed_loop(url, work, 1, stream=False, per_worker=latency_n)
     cpu0 = cpu_seconds(pid)
-    if wrk is not None:
-        c16 = wrk_loop(chat, 16, stream=False, seconds=seconds, script=wrk)
-    else:
-        c16 = await closed_loop(chat, 16, stream=False, seconds=seconds)
+    c16 = await loop(16, False)
     cpu1 = cpu_seconds(pid)
-    if wrk is not None:
-        streams = wrk_loop(chat, 16, stream=True, seconds=seconds, script=wrk)
-    else:
-        streams = await closed_loop(chat, 16, stream=True, seconds=seconds)
-    cpu2 = cpu_seconds(pid)
-    ttft = await closed_loop(chat, 128, stream=True, per_worker=3)
+    streams = ttft = None
+    if work.stream is not None:
+        streams = await loop(16, True)
+        cpu2 = cpu_seconds(pid)
+        ttft = await closed_loop(url, work, 128, stream=True, per_worker=3)
     result = PathResult(c1, c16, streams, ttft)
     result.cpu_ms = (sum(cpu1) - sum(cpu0)) * 1000 / max(c16.count, 1)
     result.cpu_sys_ms = (cpu1[1] - cpu0[1]) * 1000 / max(c16.count, 1)
-    result.cpu_ms_stream_event = (sum(cpu2) - sum(cpu1)) * 1000 / max(streams.events, 1)
+    if streams is not None:
+        result.cpu_ms_stream_event = (sum(cpu2) - sum(cpu1)) * 1000 / max(streams.events, 1)
     result.rss = rss_mb(pid)
     return result
 
@@ -286,8 +324,16 @@ def best(results: list[PathResult]) -> PathResult:
     return PathResult(
         c1=min((r.c1 for r in results), key=lambda r: p50(r, "latencies")),
         c16=max((r.c16 for r in results), key=lambda r: r.count / r.seconds),
-        streams=max((r.streams for r in results), key=lambda r: r.events / r.seconds),
-        ttft=min((r.ttft for r in results), key=lambda r: p50(r, "ttfts")),
+        streams=max(
+            (r.streams for r in results if r.streams is not None),
+            key=lambda r: r.events / r.seconds,
+            default=None,
+        ),
+        ttft=min(
+            (r.ttft for r in results if r.ttft is not None),
+            key=lambda r: p50(r, "ttfts"),
+            default=None,
+        ),
         cpu_ms=results[cpu_at].cpu_ms,
         cpu_sys_ms=results[cpu_at].cpu_sys_ms,
         cpu_ms_stream_event=min(events) if events else None,
@@ -376,8 +422,13 @@ def report(
     def rps(r: Run) -> float:
         return r.count / r.seconds
 
-    def eps(r: Run) -> float:
-        return r.events / r.seconds
+    def eps(r: Run | None) -> float | None:
+        return None if r is None else r.events / r.seconds
+
+    def ttft(r: Run | None) -> float | None:
+        return None if r is None else r.pct(r.ttfts, 0.5)
+
+    proxy_eps = eps(proxy.streams)
 
     added = proxy.c1.pct(proxy.c1.latencies, 0.5) - direct.c1.pct(direct.c1.latencies, 0.5)
     rows = [
@@ -433,9 +484,9 @@ def report(
         (
             "SSE events/s, 16 streams x 64 tok",
             fmt(eps(direct.streams)),
-            fmt(eps(proxy.streams)),
+            fmt(proxy_eps),
             f">= {TARGETS['events']:,.0f}",
-            eps(proxy.streams) >= TARGETS["events"],
+            None if proxy_eps is None else proxy_eps >= TARGETS["events"],
         ),
         (
             "server CPU us / SSE event (fake | vgate)",
@@ -446,8 +497,8 @@ def report(
         ),
         (
             "TTFT p50 ms, c=128 streams",
-            fmt(direct.ttft.pct(direct.ttft.ttfts, 0.5), ".1f"),
-            fmt(proxy.ttft.pct(proxy.ttft.ttfts, 0.5), ".1f"),
+            fmt(ttft(direct.ttft), ".1f"),
+            fmt(ttft(proxy.ttft), ".1f"),
             "",
             None,
         ),
@@ -471,6 +522,8 @@ def report(
         incomplete = 0
         for result in results:
             for r in (result.c1, result.c16, result.streams, result.ttft):
+                if r is None:
+                    continue
                 statuses += r.statuses
                 incomplete += r.incomplete
         print(f"{name:>9}: responses by status {dict(statuses)}; incomplete streams {incomplete}")
@@ -484,6 +537,7 @@ def loadavg() -> str:
 
 async def main_async(args: argparse.Namespace) -> None:
     fake_port, proxy_port = free_port(), free_port()
+    work = WORKLOADS[args.route]
     fake_cmd = [sys.executable, "-m", "tests.fakes.vllm", "--port", str(fake_port)]
     load_before = loadavg()
     with tempfile.TemporaryDirectory() as tmp:
@@ -509,7 +563,7 @@ async def main_async(args: argparse.Namespace) -> None:
         ):
             print(
                 f"fake upstream on core 0 (port {fake_port}); vgate on core 1 (pid {proxy.pid}); "
-                f"server {args.server}; profile {args.profile}; request log "
+                f"route {args.route}; server {args.server}; profile {args.profile}; request log "
                 f"{'off' if args.no_request_log or args.profile == 'core' else 'on'}; "
                 f"throughput load from {args.loadgen}"
             )
@@ -522,6 +576,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     await measure(
                         f"http://127.0.0.1:{fake_port}",
                         fake.pid,
+                        work,
                         args.seconds,
                         args.latency_requests,
                         wrk,
@@ -532,6 +587,7 @@ async def main_async(args: argparse.Namespace) -> None:
                     await measure(
                         f"http://127.0.0.1:{proxy_port}",
                         proxy.pid,
+                        work,
                         args.seconds,
                         args.latency_requests,
                         wrk,
@@ -547,6 +603,12 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2, help="rounds; the best of each is shown")
     p.add_argument("--latency-requests", type=int, default=2000, help="sequential, c=1")
     p.add_argument("--quick", action="store_true", help="short phases (a smoke run)")
+    p.add_argument(
+        "--route",
+        choices=tuple(WORKLOADS),
+        default="chat",
+        help="the API the load speaks (the same phases on its own whole and streamed answers)",
+    )
     p.add_argument(
         "--no-request-log", action="store_true", help="run vgate with logging.requests = false"
     )

@@ -6,6 +6,7 @@ tests can compare it. Only `prepare` (directories) and `exec_engine` (exec) act.
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import tempfile
@@ -97,6 +98,7 @@ def build(name: str, cfg: EngineConfig, *, cwd: str | None = None) -> LaunchSpec
         argv += ["--swap-space", _num(cfg.swap_space)]
     if cfg.enforce_eager if cfg.enforce_eager is not None else cpu:
         argv.append("--enforce-eager")
+    argv += _serving_args(cfg, base)
     # The proxy logs requests; vLLM's per-request access lines would only bury its own messages.
     argv.append("--disable-uvicorn-access-log")
     argv += cfg.extra_args
@@ -117,11 +119,52 @@ def build(name: str, cfg: EngineConfig, *, cwd: str | None = None) -> LaunchSpec
                 "VLLM_RPC_BASE_PATH": runtime_dir,
             }
         )
+    if cfg.responses_store:
+        env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if cfg.api_key:
         # `ps` shows argv to every user; vLLM reads the same key from its environment.
         env[API_KEY_ENV] = cfg.api_key
     env.update(cfg.env)
     return LaunchSpec(argv=argv, env=env, runtime_dir=runtime_dir)
+
+
+def _serving_args(cfg: EngineConfig, base: Path) -> list[str]:
+    """Flags for the routes and the scheduler (tools, reasoning, template, pooling, batching)."""
+    argv: list[str] = []
+    if cfg.tool_call_parser:
+        if cfg.enable_auto_tool_choice:
+            argv.append("--enable-auto-tool-choice")
+        argv += ["--tool-call-parser", cfg.tool_call_parser]
+    if cfg.reasoning_parser:
+        argv += ["--reasoning-parser", cfg.reasoning_parser]
+    if cfg.chat_template:
+        argv += ["--chat-template", _resolve_template(cfg.chat_template, base)]
+    if cfg.runner:
+        argv += ["--runner", cfg.runner]
+    if cfg.convert:
+        argv += ["--convert", cfg.convert]
+    if cfg.hf_overrides:
+        argv += ["--hf-overrides", json.dumps(cfg.hf_overrides, separators=(",", ":"))]
+    if cfg.max_num_seqs is not None:
+        argv += ["--max-num-seqs", str(cfg.max_num_seqs)]
+    if cfg.max_num_batched_tokens is not None:
+        argv += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
+    if cfg.enable_chunked_prefill is not None:
+        argv.append(
+            "--enable-chunked-prefill"
+            if cfg.enable_chunked_prefill
+            else "--no-enable-chunked-prefill"
+        )
+    if cfg.scheduling_policy:
+        argv += ["--scheduling-policy", cfg.scheduling_policy]
+    return argv
+
+
+def _resolve_template(template: str, base: Path) -> str:
+    # vLLM takes a path or the template itself; a relative path is made absolute like `model`.
+    if "{" in template or "\n" in template:
+        return template
+    return str(Path(os.path.expanduser(template)) if template.startswith("~") else base / template)
 
 
 def prepare(spec: LaunchSpec) -> None:

@@ -1,4 +1,5 @@
-"""API-key authentication: `Authorization: Bearer <key>` against SHA-256 digests from config.
+"""API-key authentication: `Authorization: Bearer <key>` (or Anthropic's `x-api-key`) against
+SHA-256 digests from config.
 
 Keys are looked up by the SHA-256 digest of what the client sent, in a dict. That is safe
 against timing attacks although a dict lookup is not a constant-time comparison: what the
@@ -106,15 +107,25 @@ class AuthPolicy:
         return out
 
     def authenticate(self, headers: Headers) -> KeyInfo:
-        """The caller's key, or AuthenticationFailed. Never echoes what was sent."""
+        """The caller's key, or AuthenticationFailed. Never echoes what was sent.
+
+        The key comes as `Authorization: Bearer <key>` (OpenAI's clients) or `x-api-key: <key>`
+        (Anthropic's); when both are sent, Authorization decides.
+        """
         value = headers.get("authorization")
-        if not value:
-            raise AuthenticationFailed(
-                "You didn't provide an API key. Send it as `Authorization: Bearer <key>`."
-            )
-        scheme, _, token = value.partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token or len(token) > _MAX_KEY_CHARS:
+        if value:
+            scheme, _, token = value.partition(" ")
+            token = token.strip()
+            if scheme.lower() != "bearer":
+                raise AuthenticationFailed("Incorrect API key provided.")
+        else:
+            token = (headers.get("x-api-key") or "").strip()
+            if not token:
+                raise AuthenticationFailed(
+                    "You didn't provide an API key. Send it as `Authorization: Bearer <key>` "
+                    "(or `x-api-key: <key>`)."
+                )
+        if not token or len(token) > _MAX_KEY_CHARS:
             raise AuthenticationFailed("Incorrect API key provided.")
         # Header values arrive as latin-1 text; this gives back the exact bytes sent, whatever
         # they are (control characters and invalid UTF-8 included).

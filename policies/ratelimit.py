@@ -87,7 +87,9 @@ class RateLimitPolicy:
         reserved = 0
         if tokens:
             prompt = request.outcome.prompt_tokens or request.api.prompt_estimate(request.body)
-            reserved = prompt + (request.max_tokens or self._settings.default_max_tokens)
+            # Only a route that generates holds an output budget (an embedding's is its prompt).
+            output = request.max_tokens or self._settings.default_max_tokens
+            reserved = prompt + (output if request.api.generates else 0)
         charges: list[Charge] = [(b, reserved if b.tokens else 1) for b in buckets]
         decision = await self._charge(charges)
         if decision is None:  # storage down, failing open

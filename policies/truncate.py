@@ -7,6 +7,12 @@ except special tokens, so `UTF-8 bytes of the messages + a per-message overhead 
 fixed tokens` (measured once per model by tokenizing an empty conversation) is an upper
 bound, and a prompt under it fits.
 
+Every family whose prompt is a conversation (chat, Responses, Anthropic Messages: the family
+gives its messages as chat messages, `proxy.core.api.Conversation`) is fitted the same way; a
+completion's single prompt can only be rejected or get a smaller max_tokens; other families
+(embeddings, a batch of prompts, a Responses request that continues a stored one) are left to
+the engine. Requests with tools or template switches are always counted exactly.
+
 A prompt that does not fit is, per `strategy`: rejected (400 `context_length_exceeded` with the
 counts), or shortened by dropping whole turns (a user message and the replies and tool results
 that follow it, so roles still alternate), oldest first (`drop_oldest`) or from the middle out
@@ -27,6 +33,7 @@ import httpx
 from engine.client import tokens
 from policies.services import Services
 from proxy.api.text import chat_bytes, utf8_len
+from proxy.core.api import Conversation
 from proxy.core.binder import check, non_negative, positive
 from proxy.core.config import Config
 from proxy.core.errors import ContextLengthExceeded, Overloaded, UpstreamError
@@ -36,6 +43,8 @@ from proxy.upstream.model import ModelRoute, Upstream
 
 log = logging.getLogger("vgate.truncate")
 Message = dict[str, Any]
+# What the template adds around any conversation, measured once per model.
+_EMPTY: list[Message] = [{"role": "user", "content": ""}]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -55,13 +64,17 @@ class TruncateSettings:
 class _Counter:
     """Exact counts for one request from one upstream (tools and template kwargs included)."""
 
-    def __init__(self, client: httpx.AsyncClient, upstream: Upstream, body: Message) -> None:
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        upstream: Upstream,
+        tools: list[Any] | None = None,
+        kwargs: dict[str, Any] | None = None,
+    ) -> None:
         self.client, self.upstream = client, upstream
         # The key of the engine that counts: each upstream has its own (proxy.runtime).
         self.api_key = upstream.api_key
-        self.tools = body.get("tools") if isinstance(body.get("tools"), list) else None
-        kwargs = body.get("chat_template_kwargs")
-        self.kwargs = kwargs if isinstance(kwargs, dict) else None
+        self.tools, self.kwargs = tools, kwargs
         self.calls = 0
         self.window: int | None = None
 
@@ -115,10 +128,13 @@ class TruncatePolicy:
     async def __call__(self, request: ProxyRequest, call_next: Handler) -> ProxyResponse:
         if self._route is not None:
             try:
-                if request.route == "chat/completions":
-                    await self._fit_chat(request, self._route)
+                conversation = request.api.conversation(request.body)
+                if conversation is not None:
+                    await self._fit_chat(request, conversation, self._route)
                 else:
-                    await self._fit_prompt(request, self._route)
+                    prompt = request.api.single_prompt(request.body)
+                    if prompt is not None:
+                        await self._fit_prompt(request, prompt, self._route)
             except ContextLengthExceeded:
                 raise
             except (UpstreamError, Overloaded) as exc:
@@ -146,43 +162,52 @@ class TruncatePolicy:
         least = min(need, self._s.min_output_tokens) if self._s.clamp_max_tokens else need
         return need, least
 
-    async def _fit_chat(self, request: ProxyRequest, route: ModelRoute) -> None:
+    async def _fit_chat(
+        self, request: ProxyRequest, conversation: Conversation, route: ModelRoute
+    ) -> None:
         s = self._s
-        messages: list[Message] = request.body["messages"]
+        messages = conversation.messages
         need, least = self._output(request)
         window = self._window(route)
+        kwargs = request.body.get("chat_template_kwargs")
+        kwargs = kwargs if isinstance(kwargs, dict) else None
         fixed = self._fixed.get("chat")
-        if window is not None and fixed is not None:
+        # The byte bound holds for the messages alone: tools and template switches render
+        # text of their own, so those requests are always counted.
+        if window is not None and fixed is not None and not conversation.tools and not kwargs:
             size = chat_bytes(messages, s.per_message_overhead)
             if size is not None and size + fixed + need + s.margin <= window:
                 return
-        counter = _Counter(self._client, least_busy(route), request.body)
+        upstream = least_busy(route)
+        counter = _Counter(self._client, upstream, conversation.tools, kwargs)
         total = await counter.chat(messages, s.tokenize_timeout)
         window = window or self._learn(counter.window)
         if fixed is None:
-            empty = [{"role": "user", "content": ""}]
-            self._fixed["chat"] = await counter.chat(empty, s.tokenize_timeout)
+            bare = _Counter(self._client, upstream)  # the template alone, whatever the request
+            self._fixed["chat"] = await bare.chat(_EMPTY, s.tokenize_timeout)
+            counter.calls += bare.calls
         if window is None:
             return
         room = window - s.margin
         if total + least > room and s.strategy != "reject":
-            messages, total = await self._drop(request, messages, counter, window, least, total)
+            total = await self._drop(request, conversation, counter, window, least, total)
         elif total + least > room:
-            raise _exceeded(window, total, need, "messages")
+            raise _exceeded(window, total, need, request.api.prompt_field)
         self._finish(request, total, need, room)
 
     async def _drop(
         self,
         request: ProxyRequest,
-        messages: list[Message],
+        conversation: Conversation,
         counter: _Counter,
         window: int,
         least: int,
         total: int,
-    ) -> tuple[list[Message], int]:
-        """The fewest turns dropped (strategy order) that fit the window, and the count."""
+    ) -> int:
+        """Drop the fewest turns (strategy order) that fit the window; returns the count."""
         budget = window - self._s.margin - least
-        units = _turns(messages)
+        messages = conversation.messages
+        units = conversation.turns
         if self._s.strategy == "middle_out":
             # Nested middle-out order: dropping k turns always removes a contiguous middle.
             center = (len(units) - 1) / 2
@@ -190,10 +215,13 @@ class TruncatePolicy:
             units = [units[i] for i in order]
         counts: dict[int, int] = {}
 
-        async def fits(k: int) -> bool:
+        def kept(k: int) -> list[int]:
             gone = {i for unit in units[:k] for i in unit}
-            kept = [m for i, m in enumerate(messages) if i not in gone]
-            counts[k] = await counter.chat(kept, self._s.tokenize_timeout)
+            return [i for i in range(len(messages)) if i not in gone]
+
+        async def fits(k: int) -> bool:
+            subset = [messages[i] for i in kept(k)]
+            counts[k] = await counter.chat(subset, self._s.tokenize_timeout)
             return counts[k] <= budget
 
         if not units or not await fits(len(units)):
@@ -204,7 +232,7 @@ class TruncatePolicy:
                 f"({kept_tokens} in the system messages and the last user turn, {least} for "
                 "the completion). "
                 "Please reduce the length of the last message or the completion.",
-                param="messages",
+                param=request.api.prompt_field,
             )
         lo, hi = 1, len(units)
         while lo < hi:
@@ -213,24 +241,24 @@ class TruncatePolicy:
                 hi = mid
             else:
                 lo = mid + 1
-        gone = {i for unit in units[:lo] for i in unit}
-        request.body["messages"] = kept = [m for i, m in enumerate(messages) if i not in gone]
-        request.outcome.truncated = len(gone)
+        indexes = kept(lo)
+        conversation.keep(indexes)
+        dropped = len(messages) - len(indexes)
+        request.outcome.truncated = dropped
         request.outcome.tokenize_calls = counter.calls
-        request.response_headers["x-vgate-truncated"] = str(len(gone))
-        return kept, counts[lo]
+        request.response_headers["x-vgate-truncated"] = str(dropped)
+        return counts[lo]
 
-    async def _fit_prompt(self, request: ProxyRequest, route: ModelRoute) -> None:
+    async def _fit_prompt(
+        self, request: ProxyRequest, prompt: str | list[int], route: ModelRoute
+    ) -> None:
         """Completions: a prompt cannot be shortened safely, so reject or clamp max_tokens."""
         s = self._s
-        prompt = request.body.get("prompt")
         need, least = self._output(request)
         window = self._window(route)
-        if isinstance(prompt, list) and all(
-            isinstance(t, int) and not isinstance(t, bool) for t in prompt
-        ):
-            total = len(prompt)
-        elif isinstance(prompt, str):
+        if isinstance(prompt, list):
+            total = len(prompt)  # token ids
+        else:
             fixed = self._fixed.get("prompt")
             if (
                 window is not None
@@ -238,18 +266,16 @@ class TruncatePolicy:
                 and utf8_len(prompt) + fixed + s.per_message_overhead + need + s.margin <= window
             ):
                 return
-            counter = _Counter(self._client, least_busy(route), request.body)
+            counter = _Counter(self._client, least_busy(route))
             total = await counter.prompt(prompt, s.tokenize_timeout)
             window = window or self._learn(counter.window)
             if fixed is None:
                 self._fixed["prompt"] = await counter.prompt("", s.tokenize_timeout)
-        else:
-            return  # a batch of prompts: the engine checks each one
         if window is None:
             return
         room = window - s.margin
         if total + least > room:
-            raise _exceeded(window, total, need, "prompt")
+            raise _exceeded(window, total, need, request.api.prompt_field)
         self._finish(request, total, need, room)
 
     def _finish(self, request: ProxyRequest, total: int, need: int, room: int) -> None:
@@ -257,10 +283,7 @@ class TruncatePolicy:
         if total + need > room:
             # Only reachable with clamp_max_tokens: the output gets what is left.
             clamped = room - total
-            field = (
-                "max_completion_tokens" if "max_completion_tokens" in request.body else "max_tokens"
-            )
-            request.body[field] = clamped
+            request.body[request.api.output_field(request.body)] = clamped
             request.outcome.max_tokens_clamped = clamped
             request.response_headers["x-vgate-max-tokens-clamped"] = str(clamped)
 
@@ -272,24 +295,3 @@ def _exceeded(window: int, total: int, need: int, param: str) -> ContextLengthEx
         f"Please reduce the length of the {param} or the completion.",
         param=param,
     )
-
-
-def _turns(messages: Sequence[Message]) -> list[list[int]]:
-    """Indexes of droppable messages grouped in turns, oldest first.
-
-    Protected: system messages, and everything from the last user message on. A turn starts at
-    a user message and holds what follows it up to the next one (assistant replies, tool calls
-    and their results stay together).
-    """
-    last_user = max(
-        (i for i, m in enumerate(messages) if m.get("role") == "user"), default=len(messages) - 1
-    )
-    units: list[list[int]] = []
-    for i in range(last_user):
-        role = messages[i].get("role")
-        if role in ("system", "developer"):
-            continue
-        if role == "user" or not units:
-            units.append([])
-        units[-1].append(i)
-    return units

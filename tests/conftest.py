@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -72,3 +73,11 @@ def proxy(fake: FakeVLLM) -> Iterator[ProxyFactory]:
         for server in started:
             server.stop()
         sys.setswitchinterval(interval)
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage() -> Iterator[None]:
+    """Collect at each test's end: an unclosed socket's ResourceWarning (an error here) then
+    fails the test that leaked it, not whichever later test the collector happens to run in."""
+    yield
+    gc.collect()

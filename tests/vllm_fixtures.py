@@ -1,6 +1,8 @@
-"""Session fixtures: the tiny dev model, and ONE real vLLM CPU server launched by our own code.
+"""Session fixtures: the tiny dev model, and real vLLM CPU servers launched by our own code: one
+generating (tool calls with the hermes parser, the Responses store on, as `make run` serves it)
+and, for the pooling routes, one embedding engine started when a test first needs it.
 
-The server is pinned to core 0 (the machine is shared; vLLM unpinned keeps every core busy), has
+Each server is pinned to core 0 (the machine is shared; vLLM unpinned keeps every core busy), has
 its own TMPDIR, a free port, and is stopped as a whole process group at the end of the session.
 Without the engine venv the tests that need it are skipped, unless VGATE_REQUIRE_VLLM is set
 (CI sets it, so a broken engine install fails the run instead of hiding in skips).
@@ -29,6 +31,7 @@ ENGINE_PYTHON = Path(
 # ~20 s on an idle machine; several minutes when other test sessions share the two cores.
 HEALTH_TIMEOUT = float(os.environ.get("VGATE_VLLM_START_TIMEOUT", "420"))
 SERVED_NAME = "tiny"
+EMBED_NAME = "tiny-embed"
 MAX_MODEL_LEN = 2048
 
 
@@ -66,35 +69,63 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return devmodel.build(tmp_path_factory.mktemp("models") / "tiny")
 
 
+def engine_config(name: str, model_dir: Path, work: Path, **keys: object) -> EngineConfig:
+    """A CPU engine on a free port, pinned to core 0, with its own runtime directory."""
+    defaults: dict[str, object] = {
+        "model": str(model_dir),
+        "served_name": name,
+        "port": free_port(),
+        "build": "cpu",
+        "python": str(require_engine_python()),
+        "max_model_len": MAX_MODEL_LEN,
+        "kv_cache_bytes": 256 * 1024 * 1024,
+        "enforce_eager": True,
+        "cpu_cores": "0",
+        "runtime_dir": str(work / "run"),
+    }
+    return EngineConfig(**{**defaults, **keys})  # type: ignore[arg-type]
+
+
+def serve(name: str, cfg: EngineConfig, model_dir: Path, work: Path) -> Iterator[VllmServer]:
+    """Run engine `name` until the generator is closed (a fixture's body)."""
+    log_path = work / "vllm.log"
+    proc = start_engine(name, cfg, log_path)
+    url = launch.base_url(cfg)
+    try:
+        started_in = wait_healthy(url, proc, log_path)
+        yield VllmServer(url, name, model_dir, proc.pid, log_path, started_in)
+    finally:
+        procs.stop_group(proc.pid, timeout=15.0)
+        proc.wait(timeout=10)
+
+
 @pytest.fixture(scope="session")
 def vllm_server(
     tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
 ) -> Iterator[VllmServer]:
     """One real vLLM OpenAI server on the tiny model for the whole session."""
-    python = require_engine_python()
     work = tmp_path_factory.mktemp("vllm")
-    port = free_port()
-    cfg = EngineConfig(
-        model=str(tiny_model_dir),
-        served_name=SERVED_NAME,
-        port=port,
-        build="cpu",
-        python=str(python),
-        max_model_len=MAX_MODEL_LEN,
-        kv_cache_bytes=256 * 1024 * 1024,
-        enforce_eager=True,
-        cpu_cores="0",
-        runtime_dir=str(work / "run"),
+    cfg = engine_config(
+        SERVED_NAME, tiny_model_dir, work, tool_call_parser="hermes", responses_store=True
     )
-    log_path = work / "vllm.log"
-    proc = start_engine(SERVED_NAME, cfg, log_path)
-    url = launch.base_url(cfg)
-    try:
-        started_in = wait_healthy(url, proc, log_path)
-        yield VllmServer(url, SERVED_NAME, tiny_model_dir, proc.pid, log_path, started_in)
-    finally:
-        procs.stop_group(proc.pid, timeout=15.0)
-        proc.wait(timeout=10)
+    yield from serve(SERVED_NAME, cfg, tiny_model_dir, work)
+
+
+@pytest.fixture(scope="session")
+def vllm_embed_server(
+    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path
+) -> Iterator[VllmServer]:
+    """The tiny model converted to an embedding model (`/v1/embeddings`, `/v1/score`)."""
+    work = tmp_path_factory.mktemp("vllm-embed")
+    cfg = engine_config(
+        EMBED_NAME,
+        tiny_model_dir,
+        work,
+        runner="pooling",
+        convert="embed",
+        kv_cache_bytes=64 * 1024 * 1024,
+    )
+    yield from serve(EMBED_NAME, cfg, tiny_model_dir, work)
 
 
 def start_engine(name: str, cfg: EngineConfig, log_path: Path) -> subprocess.Popen[bytes]:

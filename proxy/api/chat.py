@@ -14,7 +14,8 @@ from proxy.api.fields import (
 )
 from proxy.api.openai import OpenAICompletion
 from proxy.api.text import estimate_tokens
-from proxy.core.api import Bounds
+from proxy.api.turns import ListConversation
+from proxy.core.api import Bounds, Conversation
 from proxy.core.errors import InvalidRequest
 
 _LISTS = ("tools", "stop")
@@ -60,3 +61,6 @@ class ChatCompletions(OpenAICompletion):
 
     def prompt_estimate(self, body: dict[str, Any]) -> int:
         return estimate_tokens(body)
+
+    def conversation(self, body: dict[str, Any]) -> Conversation | None:
+        return ListConversation(body, "messages")

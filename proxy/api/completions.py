@@ -22,6 +22,7 @@ from proxy.core.errors import InvalidRequest
 class Completions(OpenAICompletion):
     name: ClassVar[str] = "completions"
     upstream_path: ClassVar[str] = "/v1/completions"
+    prompt_field: ClassVar[str] = "prompt"
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         model = model_of(body)
@@ -43,6 +44,14 @@ class Completions(OpenAICompletion):
 
     def prompt_estimate(self, body: dict[str, Any]) -> int:
         return estimate_tokens(body)
+
+    def single_prompt(self, body: dict[str, Any]) -> str | list[int] | None:
+        prompt = body.get("prompt")
+        if isinstance(prompt, str):
+            return prompt
+        if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
+            return prompt
+        return None  # a batch: the engine checks each prompt
 
 
 def _prompt_count(prompt: Any, bounds: Bounds) -> int:

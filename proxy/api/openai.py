@@ -102,6 +102,9 @@ class OpenAICompletion(Api):
     def max_tokens(self, body: dict[str, Any]) -> int | None:
         return _max_tokens(body)
 
+    def output_field(self, body: dict[str, Any]) -> str:
+        return "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+
     def prepare(self, body: dict[str, Any], stream: bool) -> StreamState:
         if not stream:
             return NO_STREAM

@@ -56,8 +56,8 @@ class StreamState:
     strip_usage: bool = False
     # The upstream's id of the answer, where the family reads one (a Responses `resp_...`).
     answer_id: bytes | None = None
-    # Bytes replaced in every block relayed (an id the client knows under another name).
-    rewrite: tuple[bytes, bytes] | None = None
+    # Bytes replaced in every block relayed (ids the client knows under other names).
+    rewrite: list[tuple[bytes, bytes]] | None = None
 
 
 # The state of an answer that is not a stream: shared, since nothing writes it.
@@ -66,13 +66,21 @@ NO_STREAM = StreamState()
 
 class Conversation:
     """A request's prompt as chat messages, for the truncate policy: `messages` is what is
-    counted (`/tokenize` with the chat template), `turns` the groups of indexes into it that
-    may be dropped together (oldest first), and `keep(indexes)` writes the body back holding
-    only those messages. Families whose prompt is a conversation return one."""
+    counted (`/tokenize` with the chat template, and `tools` in chat's shape), `turns` the
+    groups of indexes into it that may be dropped together (oldest first), and
+    `keep(indexes)` writes the body back holding only those messages. Families whose prompt is
+    a conversation return one."""
 
-    def __init__(self, messages: list[dict[str, Any]], turns: list[list[int]]) -> None:
+    def __init__(
+        self,
+        messages: list[dict[str, Any]],
+        turns: list[list[int]],
+        *,
+        tools: list[Any] | None = None,
+    ) -> None:
         self.messages = messages
         self.turns = turns
+        self.tools = tools
 
     def keep(self, indexes: list[int]) -> None:
         raise NotImplementedError
@@ -98,6 +106,8 @@ class Api:
     relay_headers: ClassVar[tuple[str, ...]] = ()
     # Read from the path, not the body: the route has no model until a stage finds it.
     by_id: ClassVar[bool] = False
+    # The body field holding the prompt (what a context-length error names).
+    prompt_field: ClassVar[str] = "messages"
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         """Check what the proxy relies on and every bound; returns (model, stream).
@@ -109,6 +119,10 @@ class Api:
     def max_tokens(self, body: dict[str, Any]) -> int | None:
         """The output budget the client asked for (what a token reservation holds)."""
         return None
+
+    def output_field(self, body: dict[str, Any]) -> str:
+        """The body field holding the output budget (what clamping lowers)."""
+        return "max_tokens"
 
     def prompt_estimate(self, body: dict[str, Any]) -> int:
         """A rough prompt size in tokens, for reservations reconciled with real usage later."""
@@ -132,4 +146,8 @@ class Api:
 
     def conversation(self, body: dict[str, Any]) -> Conversation | None:
         """The prompt as a conversation the truncate policy may fit, or None if it cannot."""
+        return None
+
+    def single_prompt(self, body: dict[str, Any]) -> str | list[int] | None:
+        """A prompt that is one text or one list of token ids (a completion's), else None."""
         return None

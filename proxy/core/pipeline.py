@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from starlette.datastructures import Headers
 
-from proxy.core.api import Api, Usage
+from proxy.core.api import Api, StreamState, Usage
 
 __all__ = [
     "Handler",
@@ -115,6 +115,11 @@ class ProxyRequest:
     response_headers: dict[str, str] = field(default_factory=dict)
     # Set by the forwarding layer: which upstream and model served the request.
     served_by: str | None = None
+    # Only this upstream (its label) may serve: it holds what the request refers to (a stored
+    # response). Set by a stage; the forwarder then neither balances nor falls back.
+    pin: str | None = None
+    # The query string passed to the engine (only the parameters the family forwards).
+    query: str = ""
     # The engine's token counts (streams included: the proxy always asks for them).
     usage: Usage | None = None
     outcome: Outcome = field(default_factory=Outcome)
@@ -138,6 +143,8 @@ class ProxyResponse:
     body: bytes = b""
     stream: AsyncIterator[bytes] | None = None
     headers: dict[str, str] = field(default_factory=dict)
+    # A stream's state, before its first block is relayed (a stage may set `rewrite`).
+    state: StreamState | None = None
 
 
 Handler = Callable[[ProxyRequest], Awaitable[ProxyResponse]]

@@ -98,7 +98,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
 def _local(handler: LocalHandler, local: LocalRoutes) -> Handler:
     async def serve(scope: Scope, receive: Receive, send: Send, params: Mapping[str, str]) -> None:
         try:
-            response = await handler(local, Request(scope, receive))
+            response = await handler(local, Request({**scope, "path_params": params}, receive))
         except VgateError as exc:
             await send_error(send, hooks(scope), exc)
             return

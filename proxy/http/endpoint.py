@@ -57,8 +57,12 @@ class ProxyEndpoint:
             # The read phase: the body, parsed and checked (bounds included) by the family.
             try:
                 body = await read_body(receive, headers, rt.config.server.max_body_bytes)
-                data = parse_json_object(body)
+                # A route read by id (GET, or a cancel) may come without a body at all.
+                data = parse_json_object(body) if body or not api.by_id else {}
                 model, stream = api.read(data, rt.bounds)
+                query = _query(scope, api.query) if api.query else ""
+                if query and "stream=true" in query.split("&"):
+                    stream = True
             except ClientGone:
                 fin.cancelled = True
                 return
@@ -69,6 +73,7 @@ class ProxyEndpoint:
                 return
             fin.model = model
             request = ProxyRequest(api, model, data, headers, rid, stream, params=params)
+            request.query = query
             await self._serve(scope, receive, send, rt, request, fin)
         except asyncio.CancelledError:
             fin.cancelled = True  # the server stopping while the body was read
@@ -140,6 +145,12 @@ class ProxyEndpoint:
         fin.status = exc.status
         extra = [*_base(request.request_id), *_encoded(request.response_headers)]
         await send_error(send, conn, exc, self.api.errors, extra)
+
+
+def _query(scope: Scope, allowed: frozenset[str]) -> str:
+    """The query string the engine gets: only the parameters the family forwards."""
+    raw = scope.get("query_string", b"").decode("latin-1")
+    return "&".join(p for p in raw.split("&") if p and p.partition("=")[0] in allowed)
 
 
 def _cancelled_error(reason: Reason) -> VgateError:

@@ -21,13 +21,18 @@ from starlette.responses import Response
 
 from proxy.api.chat import ChatCompletions
 from proxy.api.completions import Completions
+from proxy.api.messages import CountTokens, Messages
+from proxy.api.pooling import Embeddings, Rerank, Score
+from proxy.api.responses import ResponseCancel, ResponseRetrieve, Responses
 from proxy.core.api import Api
 from proxy.http.local import LocalRoutes
 
 LocalHandler = Callable[[LocalRoutes, Request], Awaitable[Response]]
 
-# A path parameter vgate forwards or looks up: no "/", no dot-segments, no control characters.
+# A path parameter vgate forwards or looks up: no "/", no dot-segments, no control characters;
+# a last `{name...}` parameter takes the rest of the path (only ever looked up, never forwarded).
 PARAM = re.compile(r"(?!\.{1,2}$)[A-Za-z0-9._:~-]{1,256}")
+REST = re.compile(r"[^\x00-\x1f\x7f]{1,512}")
 
 
 @dataclass(frozen=True)
@@ -41,7 +46,17 @@ class Route:
 ROUTES: tuple[Route, ...] = (
     Route("POST", "/v1/chat/completions", api=ChatCompletions()),
     Route("POST", "/v1/completions", api=Completions()),
+    Route("POST", "/v1/responses", api=Responses()),
+    Route("GET", "/v1/responses/{id}", api=ResponseRetrieve()),
+    Route("POST", "/v1/responses/{id}/cancel", api=ResponseCancel()),
+    Route("POST", "/v1/messages", api=Messages()),
+    Route("POST", "/v1/messages/count_tokens", api=CountTokens()),
+    Route("POST", "/v1/embeddings", api=Embeddings()),
+    Route("POST", "/v1/rerank", api=Rerank()),
+    Route("POST", "/v1/score", api=Score()),
     Route("GET", "/v1/models", local=LocalRoutes.models),
+    # A model name may hold "/" (a hub-style name): the rest of the path, looked up in config.
+    Route("GET", "/v1/models/{model...}", local=LocalRoutes.model),
     Route("GET", "/health", local=LocalRoutes.health),
     Route("GET", "/ready", local=LocalRoutes.ready),
 )

@@ -71,7 +71,7 @@ class Reloader:
         old = self.holder()
         try:
             new_config = load.load(self.path)
-            runtime = Runtime(new_config, old.client, old.upstream_client, old.apis)
+            runtime = Runtime(new_config, old.client, old.upstream_client, old.apis, old.id_secret)
         except ConfigError as exc:
             log.error(
                 "reload refused, the running config is kept: %s: %s",

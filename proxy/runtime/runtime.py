@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -19,8 +20,9 @@ from policies.services import Services
 from proxy.core.api import Api, Bounds
 from proxy.core.config import Config
 from proxy.core.errors import ModelNotFound
-from proxy.core.pipeline import Handler, KeyInfo, ProxyRequest, ProxyResponse, chain
+from proxy.core.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse, chain
 from proxy.runtime.context_fallback import ContextFallback
+from proxy.runtime.response_ids import ResponseIds, ResponseIdStage
 from proxy.runtime.upstreams import build_routes
 from proxy.upstream import registry
 from proxy.upstream.client import UpstreamClient
@@ -36,6 +38,7 @@ class Runtime:
         client: httpx.AsyncClient,
         upstream_client: UpstreamClient,
         apis: Sequence[Api],
+        id_secret: bytes = b"",
     ) -> None:
         self.config = config
         self.apis = list(apis)
@@ -68,12 +71,24 @@ class Runtime:
         )
         self.forwarder = forwarder
         chains = {name: [r.name for r in modules.chains[name]] for name in config.models}
+        # The secret response ids are signed with: the config's, else the process's (passed
+        # on to the runtime a reload builds, so ids outlive reloads).
+        self.id_secret = id_secret or secrets.token_bytes(32)
+        configured = config.server.response_id_secret
+        self.response_ids = ResponseIds(
+            self.routes, configured.encode() if configured else self.id_secret
+        )
+        # Built-in stages a family declares (`Api.stages`), after the configured policies.
+        stages: dict[str, Policy] = {"response_ids": ResponseIdStage(self.response_ids)}
         # Per route family, then model: each family runs the policies that apply to it.
         self.pipelines: dict[str, dict[str, Handler]] = {}
         self.unknown_model: dict[str, Handler] = {}
         for api in apis:
+            extra = [stages[name] for name in api.stages]
             inner: dict[str, Handler] = {
-                name: chain(build_policies(config, name, services, api.policies), forwarder)
+                name: chain(
+                    [*build_policies(config, name, services, api.policies), *extra], forwarder
+                )
                 for name in config.models
             }
             # A prompt too long for its model is re-run through a longer fallback's pipeline.
@@ -84,9 +99,11 @@ class Runtime:
                 for name in config.models
             }
             # Unknown models still pass the global policies first: an unauthenticated caller
-            # gets 401, not a 404 that confirms which model names exist.
+            # gets 401, not a 404 that confirms which model names exist. A route read by id
+            # has no model until its stage finds it: its pipeline ends at the forwarder.
             self.unknown_model[api.name] = chain(
-                build_policies(config, None, services, api.policies), _no_model
+                [*build_policies(config, None, services, api.policies), *extra],
+                forwarder if api.by_id else _no_model,
             )
         # The auth check for endpoints outside the pipelines (GET /v1/models); None: open.
         self.authenticate: Callable[[Headers], KeyInfo] | None = authenticator(

@@ -88,8 +88,7 @@ class Sender:
     ) -> ProxyResponse:
         """POST the request to the lease's upstream; a stream returns once its first chunk came."""
         upstream = lease.upstream
-        body = request.body
-        body["model"] = upstream.served_name
+        api = request.api
         # Only headers we choose leave: never the client's Authorization, cookies, hop-by-hop
         # or custom-host headers; the URL is the configured upstream, whatever the body says.
         headers = {
@@ -100,14 +99,23 @@ class Sender:
         }
         if upstream.auth:
             headers["authorization"] = upstream.auth
-        url = upstream.base_url + request.api.upstream_path
-        try:
-            content = orjson.dumps(body)
-        except TypeError:
-            # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
-            raise InvalidRequest("Request body is nested too deeply.") from None
+        path = api.upstream_path.format_map(request.params) if request.params else api.upstream_path
+        url = upstream.base_url + path
+        if request.query:
+            url = f"{url}?{request.query}"
+        if api.by_id:
+            content = b""  # the id in the path says it all
+            del headers["content-type"]
+        else:
+            body = request.body
+            body["model"] = upstream.served_name
+            try:
+                content = orjson.dumps(body)
+            except TypeError:
+                # orjson reads 1024 levels of nesting but writes only 254: a 400, not a 500.
+                raise InvalidRequest("Request body is nested too deeply.") from None
         outbound = self._client.build_request(
-            "POST", url, content=content, headers=headers, tls=upstream.tls
+            api.method, url, content=content, headers=headers, tls=upstream.tls
         )
         label = upstream.label
         with upstream_errors(label):
@@ -124,11 +132,13 @@ class Sender:
                     first = await anext(chunks, b"")
                 if not first:
                     raise UpstreamServerError("The upstream ended the stream before any event.")
+                api.peek(first, state)
                 relay = _relay(first, chunks, response, lease, request, state, self._max_event)
                 return ProxyResponse(
                     status=status,
                     content_type="text/event-stream; charset=utf-8",
                     stream=_Stream(relay, response, lease),
+                    state=state,
                 )
             with upstream_errors(label):
                 if coding is None:
@@ -145,15 +155,14 @@ class Sender:
                 f"The upstream failed to process the request (status {status})."
             )
         if status < 300:
-            request.usage = request.api.usage(content)
+            request.usage = api.usage(content)
         elif status == 400 and overflow and any(m in content for m in _OVERFLOW_MARKS):
             raise ContextLengthExceeded(
-                "The prompt is longer than this model's context window.", param="messages"
+                "The prompt is longer than this model's context window.", param=api.prompt_field
             )
+        relayed = _relayed(response, api.relay_headers) if api.relay_headers else {}
         return ProxyResponse(
-            status=status,
-            content_type=response.content_type,
-            body=content,
+            status=status, content_type=response.content_type, body=content, headers=relayed
         )
 
 
@@ -195,6 +204,18 @@ class _Stream:
             self._lease.release()
 
 
+def _renamed(block: bytes, rewrite: list[tuple[bytes, bytes]]) -> bytes:
+    for old, new in rewrite:
+        block = block.replace(old, new)
+    return block
+
+
+def _relayed(response: UpstreamResponse, names: tuple[str, ...]) -> dict[str, str]:
+    """The response headers a family relays (besides content-type), where present."""
+    headers = response.headers
+    return {name: value for name in names if (value := headers.get(name)) is not None}
+
+
 async def _relay(
     first: bytes,
     chunks: AsyncIterator[bytes],
@@ -210,12 +231,12 @@ async def _relay(
     try:
         block = framer.feed(first)
         if block and (block := inspect(block, state)):
-            yield block
+            yield _renamed(block, state.rewrite) if state.rewrite else block
         with upstream_errors(lease.upstream.label, started=True):
             async for chunk in chunks:
                 block = framer.feed(chunk)
                 if block and (block := inspect(block, state)):
-                    yield block
+                    yield _renamed(block, state.rewrite) if state.rewrite else block
         rest = framer.rest()
         if rest:
             yield rest  # an unfinished last event: relayed as it came

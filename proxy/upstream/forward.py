@@ -85,6 +85,14 @@ class Forwarder:
         self._balancer = modules.balancer
         self._backpressure = backpressure
         self._affinity = affinity_messages
+        # A request pinned to one upstream (it holds what the request names) is tried there
+        # only, within its model's admission: no balancing, no fallback.
+        self._pinned: dict[tuple[str, str], list[ModelRoute]] = {}
+        for name, chain in modules.chains.items():
+            own = chain[0]
+            for upstream in own.upstreams:
+                view = ModelRoute(own.name, [upstream], own.admission)
+                self._pinned.setdefault((name, upstream.label), [view])
 
     async def __call__(self, request: ProxyRequest) -> ProxyResponse:
         retry = self._retry
@@ -95,7 +103,16 @@ class Forwarder:
             retry.leave()
 
     def plan(self, request: ProxyRequest) -> Plan:
-        chain = self._modules.chains[request.model]
+        if request.pin is None:
+            chain = self._modules.chains[request.model]
+        else:
+            pinned = self._pinned.get((request.model, request.pin))
+            if pinned is None:
+                raise UpstreamUnreachable(
+                    f"Upstream {request.pin}, which holds what the request names, is not an "
+                    f"upstream of model `{request.model}`."
+                )
+            chain = pinned
         priority = request.key.priority if request.key is not None else 0
         bp = self._backpressure
         return Plan(

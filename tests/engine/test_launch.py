@@ -50,6 +50,26 @@ def test_minimal_gpu_engine() -> None:
         ({"kv_cache_bytes": 1 << 30}, ["--kv-cache-memory-bytes", "1073741824"]),
         ({"dtype": "bfloat16"}, ["--dtype", "bfloat16"]),
         ({"enforce_eager": True}, ["--enforce-eager"]),
+        (
+            {"tool_call_parser": "llama3_json"},
+            ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json"],
+        ),
+        (
+            {"tool_call_parser": "hermes", "enable_auto_tool_choice": False},
+            ["--tool-call-parser", "hermes"],
+        ),
+        ({"reasoning_parser": "deepseek_r1"}, ["--reasoning-parser", "deepseek_r1"]),
+        (
+            {"chat_template": "/etc/vgate/llama.jinja"},
+            ["--chat-template", "/etc/vgate/llama.jinja"],
+        ),
+        ({"runner": "pooling", "convert": "embed"}, ["--runner", "pooling", "--convert", "embed"]),
+        ({"hf_overrides": {"num_labels": 1}}, ["--hf-overrides", '{"num_labels":1}']),
+        ({"max_num_seqs": 64}, ["--max-num-seqs", "64"]),
+        ({"max_num_batched_tokens": 8192}, ["--max-num-batched-tokens", "8192"]),
+        ({"enable_chunked_prefill": True}, ["--enable-chunked-prefill"]),
+        ({"enable_chunked_prefill": False}, ["--no-enable-chunked-prefill"]),
+        ({"scheduling_policy": "priority"}, ["--scheduling-policy", "priority"]),
     ],
 )
 def test_gpu_flags(fields: dict[str, Any], expected: list[str]) -> None:
@@ -67,9 +87,30 @@ def test_gpu_defaults_leave_vllm_defaults_alone() -> None:
         "--tensor-parallel-size",
         "--enable-prefix-caching",
         "--no-enable-prefix-caching",
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        "--runner",
+        "--max-num-seqs",
+        "--enable-chunked-prefill",
+        "--scheduling-policy",
         "taskset",
     ):
         assert flag not in argv  # fmt: skip
+    assert "VLLM_ENABLE_RESPONSES_API_STORE" not in launch.build("llama", gpu()).env
+
+
+def test_a_relative_chat_template_resolves_and_an_inline_one_passes() -> None:
+    argv = launch.build("llama", gpu(chat_template="templates/t.jinja"), cwd="/srv").argv
+    assert argv[argv.index("--chat-template") + 1] == "/srv/templates/t.jinja"
+    inline = "{% for m in messages %}{{ m.content }}{% endfor %}"
+    argv = launch.build("llama", gpu(chat_template=inline), cwd="/srv").argv
+    assert argv[argv.index("--chat-template") + 1] == inline
+
+
+def test_the_responses_store_is_an_environment_switch() -> None:
+    spec = launch.build("llama", gpu(responses_store=True))
+    assert spec.env["VLLM_ENABLE_RESPONSES_API_STORE"] == "1"
+    assert "VLLM_ENABLE_RESPONSES_API_STORE" in spec.shell()
 
 
 def test_fp8_tensor_parallel_with_everything() -> None:
@@ -199,6 +240,24 @@ def test_engine_table_rejects_unknown_keys_and_bad_values() -> None:
     assert "engines.tiny.build" in text
     assert "engines.tiny.kv_cache_bytes" in text
     assert "engines.tiny.gpus: unknown key" in text
+    with pytest.raises(ConfigError) as info:
+        from_dict(
+            {
+                "models": {"tiny": {"upstreams": ["engine:tiny"]}},
+                "engines": {
+                    "tiny": {
+                        "model": "/m",
+                        "runner": "embed",
+                        "convert": "embedding",
+                        "scheduling_policy": "lifo",
+                        "max_num_seqs": 0,
+                    }
+                },
+            }
+        )
+    text = str(info.value)
+    for key in ("runner", "convert", "scheduling_policy", "max_num_seqs"):
+        assert f"engines.tiny.{key}" in text
 
 
 def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -> None:
@@ -212,10 +271,17 @@ def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -
     assert cmd[3].endswith("/.venv-engine/bin/python") and os.path.isabs(cmd[3])
     assert cmd[cmd.index("--model") + 1].endswith("/build/models/tiny")
     assert cmd[cmd.index("--kv-cache-memory-bytes") + 1] == "268435456"
+    assert cmd[cmd.index("--tool-call-parser") + 1] == "hermes"
+    assert "VLLM_ENABLE_RESPONSES_API_STORE=1" in words
+    assert main(["engine", "args", "tiny-embed", "--config", DEV_TOML]) == 0
+    words = shlex.split(capsys.readouterr().out)
+    assert words[words.index("--runner") + 1 :][:3] == ["pooling", "--convert", "embed"]
+    assert words[words.index("--port") + 1] == "8001"
+    assert words[words.index("taskset") + 2] == "0"  # off the proxy's core too
 
 
 def test_cli_names_an_unknown_engine(capsys: pytest.CaptureFixture[str]) -> None:
     from proxy.cli.main import main
 
     assert main(["engine", "args", "nope", "--config", DEV_TOML]) == 2
-    assert "engines.nope: no such engine (known: tiny)" in capsys.readouterr().err
+    assert "engines.nope: no such engine (known: tiny, tiny-embed)" in capsys.readouterr().err

@@ -32,9 +32,14 @@ def answer_text(tokens: int, pad: str = "") -> str:
 
 
 def prompt_tokens(body: dict[str, Any]) -> int:
-    """A stand-in tokenizer: one token per whitespace-separated word, plus 4 per chat turn."""
+    """A stand-in tokenizer: one token per whitespace-separated word, plus 4 per chat turn, and
+    for tools (which a chat template renders into the prompt) 4 plus the words of each one's
+    JSON."""
     if isinstance(body.get("messages"), list):
-        return messages_tokens(body["messages"])
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+        return messages_tokens(body["messages"]) + sum(
+            4 + len(json.dumps(tool).split()) for tool in tools
+        )
     prompt = body.get("prompt")
     if isinstance(prompt, str):
         return 1 + len(prompt.split())

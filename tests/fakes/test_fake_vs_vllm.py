@@ -14,31 +14,19 @@ import httpx
 import orjson
 import pytest
 
-from engine import procs
-from engine.launch import base_url
-from proxy.core.config import EngineConfig
 from tests.fakes.sse_read import shape, typed_events
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import events
-from tests.vllm_fixtures import (
-    VllmServer,
-    free_port,
-    require_engine_python,
-    start_engine,
-    wait_healthy,
-)
+from tests.vllm_fixtures import EMBED_NAME, VllmServer
 
 pytestmark = pytest.mark.vllm
 HELLO = [{"role": "user", "content": "Hello"}]
-WEATHER = [
-    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
-]
 
 
 @pytest.fixture(scope="module")
 def fake_engine() -> Iterator[FakeVLLM]:
-    # As the session's real engine runs: no tool parser, no Responses store.
-    with FakeVLLM(runner="generate", tool_parser=None, responses_store=False) as fake:
+    # As the session's real engine runs: the hermes tool parser, the Responses store on.
+    with FakeVLLM(runner="generate", tool_parser="hermes", responses_store=True) as fake:
         yield fake
 
 
@@ -69,7 +57,6 @@ def test_errors_byte_for_byte(fake_engine: FakeVLLM, vllm_server: VllmServer) ->
         ("GET", "/v1/responses/resp_nope", None),
         ("POST", "/v1/responses/resp_nope/cancel", None),
         ("POST", "/v1/responses", {**responses, "previous_response_id": "resp_nope"}),
-        ("POST", "/v1/responses", {**responses, "background": True}),
         ("POST", "/v1/responses", {**responses, "model": "gpt-4"}),
         ("POST", "/v1/responses", {"model": "tiny"}),
         ("POST", "/v1/responses", {**responses, "max_output_tokens": 5000}),
@@ -77,17 +64,6 @@ def test_errors_byte_for_byte(fake_engine: FakeVLLM, vllm_server: VllmServer) ->
         ("POST", "/v1/messages", {"model": "tiny", "messages": HELLO}),
         ("POST", "/v1/messages/count_tokens", {"model": "gpt-4", "messages": HELLO}),
         ("POST", "/v1/chat/completions", {"model": "gpt-4", "max_tokens": 2, "messages": HELLO}),
-        (
-            "POST",
-            "/v1/chat/completions",
-            {
-                "model": "tiny",
-                "max_tokens": 2,
-                "messages": HELLO,
-                "tools": WEATHER,
-                "tool_choice": "auto",
-            },
-        ),
         ("GET", "/v1/models/tiny", None),
         ("POST", "/v1/embeddings", {"model": "tiny", "input": "a"}),  # not on a generate engine
     ]
@@ -145,46 +121,19 @@ def test_chat_shapes(fake_engine: FakeVLLM, vllm_server: VllmServer) -> None:
     ]
 
 
-@pytest.fixture(scope="module")
-def pooling_server(
-    tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Any
-) -> Iterator[VllmServer]:
-    """A second real engine: the tiny model converted to an embedding model."""
-    python = require_engine_python()
-    work = tmp_path_factory.mktemp("vllm-pooling")
-    cfg = EngineConfig(
-        model=str(tiny_model_dir),
-        served_name="tiny",
-        port=free_port(),
-        build="cpu",
-        python=str(python),
-        max_model_len=2048,
-        kv_cache_bytes=256 * 1024 * 1024,
-        enforce_eager=True,
-        cpu_cores="0",
-        runtime_dir=str(work / "run"),
-        extra_args=["--runner", "pooling", "--convert", "embed"],
-    )
-    log_path = work / "vllm.log"
-    proc = start_engine("tiny", cfg, log_path)
-    try:
-        started = wait_healthy(base_url(cfg), proc, log_path)
-        yield VllmServer(base_url(cfg), "tiny", tiny_model_dir, proc.pid, log_path, started)
-    finally:
-        procs.stop_group(proc.pid, timeout=15.0)
-        proc.wait(timeout=10)
-
-
-@pytest.mark.slow
-def test_pooling_shapes(pooling_server: VllmServer) -> None:
+def test_pooling_shapes(vllm_embed_server: VllmServer) -> None:
+    pooling_server = vllm_embed_server
     requests: list[tuple[str, Any]] = [
-        ("/v1/embeddings", {"model": "tiny", "input": "Hello world"}),
-        ("/v1/embeddings", {"model": "tiny", "input": ["a", "b"], "encoding_format": "base64"}),
-        ("/v1/embeddings", {"model": "tiny", "input": [[0, 4, 205], [0, 5]]}),
-        ("/v1/score", {"model": "tiny", "text_1": "q", "text_2": ["a", "b"]}),
-        ("/v1/rerank", {"model": "tiny", "query": "q", "documents": ["a", "b", "c"], "top_n": 2}),
+        ("/v1/embeddings", {"model": EMBED_NAME, "input": "Hello world"}),
+        ("/v1/embeddings", {"model": EMBED_NAME, "input": ["a", "b"], "encoding_format": "base64"}),
+        ("/v1/embeddings", {"model": EMBED_NAME, "input": [[0, 4, 205], [0, 5]]}),
+        ("/v1/score", {"model": EMBED_NAME, "text_1": "q", "text_2": ["a", "b"]}),
+        (
+            "/v1/rerank",
+            {"model": EMBED_NAME, "query": "q", "documents": ["a", "b", "c"], "top_n": 2},
+        ),
     ]
-    with FakeVLLM(runner="pooling") as fake:
+    with FakeVLLM(model=EMBED_NAME, runner="pooling") as fake:
         for path, body in requests:
             mine, real = both(fake, pooling_server, "POST", path, body)
             assert mine.status_code == real.status_code == 200
@@ -194,8 +143,8 @@ def test_pooling_shapes(pooling_server: VllmServer) -> None:
                 assert len(sizes) == 1  # same dimension, same float32 packing
         for path, body in [
             ("/v1/embeddings", {"model": "x", "input": "a"}),
-            ("/v1/embeddings", {"model": "tiny", "input": []}),
-            ("/v1/chat/completions", {"model": "tiny", "messages": HELLO, "max_tokens": 2}),
+            ("/v1/embeddings", {"model": EMBED_NAME, "input": []}),
+            ("/v1/chat/completions", {"model": EMBED_NAME, "messages": HELLO, "max_tokens": 2}),
         ]:
             mine, real = both(fake, pooling_server, "POST", path, body)
             assert (mine.status_code, mine.content) == (real.status_code, real.content), path

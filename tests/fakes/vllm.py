@@ -208,7 +208,8 @@ class FakeVLLM:
         # A connection accepted just before gets its protocol on the next turn: close it too.
         await asyncio.sleep(0)
         for proto in list(self._protocols):
-            proto.close()
+            # TLS: no close_notify exchange the loop would not live to finish.
+            proto.abort() if self.ssl_context is not None else proto.close()
         tasks = [p.response.task for p in self._protocols if p.response and p.response.task]
         tasks += self.responses.take_tasks()
         for task in tasks:

@@ -133,6 +133,12 @@ class Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.close()
 
+    def abort(self) -> None:
+        """Drop the connection at once (shutdown): a TLS transport's close() would wait for the
+        peer's close_notify, past the end of the loop, and leave its socket unclosed."""
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
     # -- requests -------------------------------------------------------------------------
     def _arm_idle(self) -> None:
         if self.idle is not None:

@@ -431,9 +431,63 @@ def test_ready_is_503_with_a_reason_when_the_engine_is_down() -> None:
         ("POST", "/detokenize", 404),
         ("GET", "/metrics", 404),
         ("GET", "/version", 404),
-        ("POST", "/v1/embeddings", 404),
+        ("GET", "/v1/embeddings", 405),
+        ("GET", "/v1/responses", 405),
+        ("DELETE", "/v1/responses/resp_1", 405),
         ("POST", "/v1/chat/completions/", 404),
+        ("POST", "/v1/chat/completions/batch", 404),
+        ("POST", "/v1/chat/completions/render", 404),
+        ("POST", "/v1/responses/render", 405),  # the path of GET /v1/responses/{id}
+        ("POST", "/v1/messages/render", 404),
         ("GET", "/", 404),
+        # vLLM's development, admin and engine-internal routes: never through the public port.
+        *(
+            ("POST", path, 404)
+            for path in (
+                "/sleep",
+                "/wake_up",
+                "/pause",
+                "/resume",
+                "/collective_rpc",
+                "/reset_prefix_cache",
+                "/reset_mm_cache",
+                "/release_kv_cache_memory",
+                "/update_weights",
+                "/start_weight_update",
+                "/init_weight_transfer_engine",
+                "/v1/load_lora_adapter",
+                "/v1/unload_lora_adapter",
+                "/adapters",
+                "/scale_elastic_ep",
+                "/start_profile",
+                "/abort_requests",
+                "/invocations",
+                "/inference/v1/generate",
+                "/inference/v1/abort_requests",
+                "/v1/systemone",
+                "/generative_scoring",
+                "/pooling",
+                "/v2/embed",
+                "/v2/rerank",
+                "/classify",
+            )
+        ),
+        *(
+            ("GET", path, 404)
+            for path in (
+                "/is_sleeping",
+                "/is_paused",
+                "/server_info",
+                "/tokenizer_info",
+                "/load",
+                "/kv_event_sources",
+                "/weight_info",
+                "/get_world_size",
+                "/openapi.json",
+                "/docs",
+                "/ping",
+            )
+        ),
     ],
 )
 def test_other_paths_and_methods_are_openai_errors(
@@ -442,4 +496,30 @@ def test_other_paths_and_methods_are_openai_errors(
     r = client.request(method, path, json=CHAT)
     assert_openai_error(r, status)
     assert completions(router) == []
-    assert all(c.request.method == "GET" for c in router.calls)
+    # Only the proxy's own probes of the engine, never the client's request.
+    assert {(c.request.method, c.request.url.path) for c in router.calls} <= {
+        ("GET", "/health"),
+        ("GET", "/metrics"),
+        ("GET", "/v1/models"),
+    }
+
+
+def test_models_retrieve_answers_one_configured_model_hub_style_names_too(
+    router: respx.MockRouter,
+) -> None:
+    data = config()
+    data["models"]["meta-llama/Llama-3.1-8B"] = {"upstreams": [ENGINE], "served_name": "tiny"}
+    with client_for(router, data) as client:
+        r = client.get("/v1/models/tiny")
+        assert r.status_code == 200
+        assert r.json() == {**r.json(), "id": "tiny", "object": "model"}
+        # As the OpenAI SDK sends it (the slash encoded), and as curl users type it.
+        for path in ("/v1/models/meta-llama%2FLlama-3.1-8B", "/v1/models/meta-llama/Llama-3.1-8B"):
+            got = client.get(path)
+            assert got.status_code == 200, path
+            assert got.json()["id"] == "meta-llama/Llama-3.1-8B"
+        for unknown in ("/v1/models/gpt-4", "/v1/models/tiny-served", "/v1/models/meta-llama"):
+            assert_openai_error(client.get(unknown), 404, "model_not_found")
+        # An encoded slash never splits a segment: this is no path under /v1/models/.
+        assert_openai_error(client.get("/v1/models%2Ftiny"), 404, "unknown_url")
+    assert completions(router) == []

@@ -52,12 +52,12 @@ ENGINE_START = 480.0 if REAL_VLLM else 60.0
 # The proxy's drain timeout in most tests: the real engine streams far slower on a loaded core.
 DRAIN = 30.0 if REAL_VLLM else 8.0
 
-# The fake engine behind vLLM's module name: the unit's command line stays the real one.
-FAKE_MODULES = (
-    "tests/__init__.py",
-    "tests/fakes/__init__.py",
-    "tests/fakes/vllm.py",
-    "tests/fakes/shapes.py",
+# The fake engine behind vLLM's module name: the unit's command line stays the real one. The
+# whole package (its tests aside): the fake is split in modules that import one another.
+FAKE_MODULES = ("tests/__init__.py",) + tuple(
+    str(path.relative_to(REPO))
+    for path in sorted((REPO / "tests/fakes").glob("*.py"))
+    if not path.name.startswith("test_")
 )
 FAKE_SERVER = """\
 import argparse

@@ -48,5 +48,27 @@ class EngineConfig:
     # TMPDIR, VLLM_CACHE_ROOT and VLLM_RPC_BASE_PATH of the CPU build (vLLM leaves sockets and
     # vllm_dist_* files there); default: <system temp>/vgate-engine-NAME-PORT.
     runtime_dir: str | None = None
+    # What the API routes need of the engine (proxy.api): tool calls in chat and Responses (a
+    # parser from vLLM's registry, e.g. "hermes", "llama3_json"; with auto_tool_choice the
+    # model may call tools unasked, `tool_choice: "auto"`), reasoning output, a template.
+    tool_call_parser: str | None = None
+    enable_auto_tool_choice: bool = True  # only with tool_call_parser
+    reasoning_parser: str | None = None
+    chat_template: str | None = None  # a file (relative to the working directory) or inline
+    # "pooling" serves /v1/embeddings, /v1/rerank and /v1/score instead of generating; `convert`
+    # adapts a generative checkpoint ("embed", "classify", ...), `hf_overrides` its config.
+    runner: Literal["auto", "generate", "pooling"] | None = None
+    convert: Literal["auto", "none", "embed", "classify"] | None = None
+    hf_overrides: dict[str, Any] | None = None
+    # Scheduler: how many sequences and tokens one step may hold; "priority" honours a request's
+    # `priority` field (lower runs first) where "fcfs" ignores it.
+    max_num_seqs: int | None = check(_optional(positive), None)
+    max_num_batched_tokens: int | None = check(_optional(positive), None)
+    enable_chunked_prefill: bool | None = None
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
+    # Keep Responses in the engine's memory for GET /v1/responses/{id}, `previous_response_id`
+    # and background responses. vLLM never evicts them: memory grows with every stored
+    # response until the engine restarts, so it is off unless asked for.
+    responses_store: bool = False
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # last word over every variable we set

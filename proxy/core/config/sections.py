@@ -26,6 +26,11 @@ class ServerConfig:
     # Seconds SIGTERM waits for open streams before cancelling them upstream.
     drain_timeout: float = check(non_negative, 30.0)
     max_concurrency: int | None = check(lambda v: positive(v) if v is not None else None, None)
+    # Signs the response ids clients see (proxy.runtime.response_ids): set the same secret on
+    # every proxy behind one load balancer; unset, a random one per process.
+    response_id_secret: str | None = check(
+        lambda v: None if v is None or len(v) >= 16 else "must be at least 16 characters", None
+    )
     # Connections one client address may hold (IPv6: one /64); unset, because behind a
     # reverse proxy or load balancer every client has that one address.
     max_connections_per_client: int | None = check(
