@@ -54,10 +54,13 @@ DRAIN = 30.0 if REAL_VLLM else 8.0
 
 # The fake engine behind vLLM's module name: the unit's command line stays the real one. The
 # whole package (its tests aside): the fake is split in modules that import one another.
-FAKE_MODULES = ("tests/__init__.py",) + tuple(
-    str(path.relative_to(REPO))
-    for path in sorted((REPO / "tests/fakes").glob("*.py"))
-    if not path.name.startswith("test_")
+FAKE_MODULES = (
+    "tests/__init__.py",
+    *(
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "tests/fakes").glob("*.py"))
+        if not path.name.startswith("test_")
+    ),
 )
 FAKE_SERVER = """\
 import argparse
