@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from engine.client.warmup import Warmup
 from proxy.core.config import EngineConfig
 
 API_KEY_ENV = "VLLM_API_KEY"
@@ -57,6 +58,16 @@ def base_url(cfg: EngineConfig) -> str:
     if ":" in host:
         host = f"[{host}]"
     return f"http://{host}:{cfg.port}"
+
+
+def warmup_of(cfg: EngineConfig) -> Warmup | None:
+    """The warm-up request the engine must answer before it is ready (None: none)."""
+    if not cfg.warmup:
+        return None
+    kind = "generate"
+    if cfg.runner == "pooling" or cfg.convert in ("embed", "classify"):
+        kind = "classify" if cfg.convert == "classify" else "embed"
+    return Warmup(cfg.warmup_prompt, cfg.warmup_tokens, cfg.warmup_timeout, kind)
 
 
 def default_runtime_dir(name: str, cfg: EngineConfig) -> str:

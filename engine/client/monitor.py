@@ -1,7 +1,10 @@
 """What the proxy knows about one engine, learned in the background, never on the request path.
 
 `EngineMonitor` probes `GET /health`, scrapes `GET /metrics` (KV cache usage, running and waiting
-requests) and discovers `max_model_len` from `GET /v1/models`, each on its own interval. Results
+requests) and discovers `max_model_len` from `GET /v1/models`, each on its own interval. With a
+warm-up (engine.client.warmup), a healthy engine counts as healthy only once it has answered the
+warm-up request; an engine that stops answering `/health` is warmed up again when it is back
+(a restarted engine is cold again). Results
 are plain attributes that policies and `/ready` read without awaiting anything. Errors are
 recorded in `last_error` / `metrics_error`, never raised out of `run`.
 """
@@ -16,6 +19,7 @@ import time
 import httpx
 
 from engine.client import exposition as prometheus
+from engine.client import warmup as warm
 
 log = logging.getLogger("vgate.engine")
 
@@ -39,6 +43,7 @@ class EngineMonitor:
         probe_timeout: float = 5.0,
         connect_timeout: float = 5.0,
         api_key: str | None = None,
+        warmup: warm.Warmup | None = None,
     ) -> None:
         self.client = client
         self.base_url = base_url.rstrip("/")
@@ -50,6 +55,10 @@ class EngineMonitor:
         # unhealthy after that, also on a pooled connection that never needs to reconnect.
         self._timeout = httpx.Timeout(min(connect_timeout, probe_timeout))
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.warmup = warmup
+        self.warmed = False  # the warm-up was answered since /health last turned healthy
+        self.warmed_in: float | None = None  # seconds the last warm-up took
+        self.warming = False  # a warm-up request is in flight
 
         self.healthy: bool | None = None  # None: not probed yet
         self.last_error: str | None = None  # why the last health round failed
@@ -61,8 +70,9 @@ class EngineMonitor:
         self.updated_at: float | None = None  # time.monotonic() of the last good scrape
 
     async def refresh(self) -> None:
-        """One round of everything (for startup); never raises."""
-        await self.check_health()
+        """One round of everything (for startup, which it must not hold up: no warm-up, the
+        loop of `run` sends it first thing); never raises."""
+        await self.check_health(warm=False)
         await self.scrape_metrics()
 
     async def run(self) -> None:
@@ -78,8 +88,9 @@ class EngineMonitor:
                 next_metrics = time.monotonic() + self.metrics_interval
             await asyncio.sleep(max(0.0, min(next_health, next_metrics) - time.monotonic()))
 
-    async def check_health(self) -> None:
-        """GET /health; while healthy and the window is unknown, also GET /v1/models."""
+    async def check_health(self, warm: bool = True) -> None:
+        """GET /health; while healthy and the window is unknown, also GET /v1/models; then the
+        warm-up if one is due (`warm`) and not yet answered."""
         error: str | None = None
         try:
             response = await self._get("/health")
@@ -91,7 +102,45 @@ class EngineMonitor:
             # Discovery failing leaves the engine healthy: requests work without the number.
             with contextlib.suppress(Exception):
                 self.max_model_len = await self._discover_max_model_len()
+        if error is not None:
+            self.warmed = False
+        elif self.warmup is not None and not self.warmed:
+            error = await self._warm_up(self.warmup) if warm else "warming up: not sent yet"
         self._set_health(error)
+
+    async def _warm_up(self, warmup: warm.Warmup) -> str | None:
+        """Send the warm-up request; None once it is answered as it must be."""
+        self.warming = True
+        try:
+            return await self._send_warm_up(warmup)
+        finally:
+            self.warming = False
+
+    async def _send_warm_up(self, warmup: warm.Warmup) -> str | None:
+        started = time.monotonic()
+        problem: str | None = "no warm-up request"
+        for path, body in warm.attempts(warmup, self.served_name):
+            log.info("engine %s: warming up (%s)", self.base_url, path)
+            try:
+                response = await self.client.post(
+                    self.base_url + path,
+                    content=body,
+                    headers={**self._headers, "Content-Type": "application/json"},
+                    timeout=httpx.Timeout(warmup.timeout, connect=self._timeout.connect),
+                )
+            except Exception as exc:  # an engine failing its warm-up stays not ready, no more
+                problem = _describe(exc)
+                break
+            problem = warm.problem(warmup, path, response.status_code, response.content)
+            if response.status_code != 404:
+                break
+        if problem is not None:
+            log.warning("engine %s: warm-up failed: %s", self.base_url, problem)
+            return f"warming up: {problem}"
+        self.warmed = True
+        self.warmed_in = time.monotonic() - started
+        log.info("engine %s: warmed up in %.2f s", self.base_url, self.warmed_in)
+        return None
 
     async def scrape_metrics(self) -> None:
         """GET /metrics and keep the load gauges; on failure they become None (not stale)."""
@@ -138,6 +187,8 @@ class EngineMonitor:
         if was != self.healthy:
             if error is None:
                 log.info("engine %s is healthy", self.base_url)
+            elif error.startswith("warming up: not sent"):
+                log.info("engine %s answers /health; not ready until warmed up", self.base_url)
             else:
                 log.warning("engine %s is unhealthy: %s", self.base_url, error)
 

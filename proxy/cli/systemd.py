@@ -9,6 +9,8 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from engine.client.warmup import Warmup, attempts
+from engine.client.warmup import problem as problem_of
 from proxy.cli.engine import engine_config
 from proxy.ops.installer import Installer, InstallError, Layout
 
@@ -43,7 +45,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     uninst.add_argument("--purge", action="store_true", help="also config, state and users")
     uninst.set_defaults(func=_uninstall)
 
-    wait = verbs.add_parser("wait-healthy", help="wait until an engine's /health answers 200")
+    wait = verbs.add_parser(
+        "wait-healthy", help="wait until an engine's /health answers 200, then warm it up"
+    )
     wait.add_argument("name", help="engine name ([engines.NAME] in the config)")
     wait.add_argument("--config", required=True, help="TOML config file")
     wait.add_argument("--timeout", type=float, default=1200.0, help="seconds (1200)")
@@ -74,14 +78,55 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _wait_healthy(args: argparse.Namespace) -> int:
-    from engine.launch import base_url
+    from engine import launch
 
     cfg, name = engine_config(args)
-    url = base_url(cfg.engines[name]) + "/health"
-    ok = wait_healthy(url, args.timeout)
-    if not ok:
+    engine = cfg.engines[name]
+    url = launch.base_url(engine) + "/health"
+    deadline = time.monotonic() + args.timeout
+    if not wait_healthy(url, args.timeout):
         print(f"engine {name}: {url} not healthy within {args.timeout:g} s", file=sys.stderr)
-    return 0 if ok else 1
+        return 1
+    warmup = launch.warmup_of(engine)
+    if warmup is None:
+        return 0
+    # Ready means warm: the unit turns active only once a real request was answered.
+    started = time.monotonic()
+    problem = warm_up(url, warmup, launch.served_name(name, engine), engine.api_key, deadline)
+    if problem is not None:
+        print(f"engine {name}: warm-up failed: {problem}", file=sys.stderr)
+        return 1
+    print(f"engine {name}: warmed up in {time.monotonic() - started:.2f} s")
+    return 0
+
+
+def warm_up(
+    health_url: str, warmup: Warmup, served: str, api_key: str | None, deadline: float
+) -> str | None:
+    """Send the warm-up requests (engine.client.warmup) until one is answered; the problem of
+    the last one, or None."""
+    parts = urlsplit(health_url)
+    headers = {"Content-Type": "application/json"}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
+    problem: str | None = "no warm-up request"
+    for path, body in attempts(warmup, served):
+        timeout = max(1.0, min(warmup.timeout, deadline - time.monotonic()))
+        conn = http.client.HTTPConnection(
+            parts.hostname or "127.0.0.1", parts.port or 80, timeout=timeout
+        )
+        try:
+            conn.request("POST", path, body=body, headers=headers)
+            answer = conn.getresponse()
+            status, content = answer.status, answer.read()
+        except (OSError, http.client.HTTPException) as exc:
+            return f"{path}: {exc}"
+        finally:
+            conn.close()
+        problem = problem_of(warmup, path, status, content)
+        if status != 404:
+            break
+    return problem
 
 
 def wait_healthy(url: str, timeout: float, interval: float = 0.5) -> bool:

@@ -82,6 +82,7 @@ class Reloader:
         except Exception as exc:  # a policy that fails to build must not take the proxy down
             log.error("reload refused, the running config is kept: %s: %r", self.path, exc)
             return Outcome(False, problems=[repr(exc)])
+        runtime.inherit(old)
         await runtime.start()
         self.holder.set(runtime)
         await old.stop()

@@ -124,6 +124,15 @@ class Runtime:
             )
         return client
 
+    def inherit(self, old: Runtime) -> None:
+        """Carry what the running runtime learned of engines this one keeps (a reload): an
+        engine that is warm stays warm, and is not sent another warm-up."""
+        for key, monitor in self.monitors.items():
+            before = old.monitors.get(key)
+            if before is not None and before.warmed and before.warmup == monitor.warmup:
+                monitor.warmed = True
+                monitor.warmed_in = before.warmed_in
+
     async def start(self, first_probe_timeout: float = 2.0) -> None:
         """One bounded round of probes (so /ready and /v1/models know something), then loops."""
         with contextlib.suppress(TimeoutError):
@@ -166,6 +175,8 @@ class Runtime:
             name: {
                 u.label: {
                     "healthy": u.monitor.healthy,
+                    # None: no warm-up for this upstream (a URL, or `warmup = false`).
+                    "warmed_up": u.monitor.warmed if u.monitor.warmup is not None else None,
                     "breaker": u.breaker.current_state,
                     "breaker_retry_in": round(u.breaker.retry_in(), 3),
                     "in_flight": u.inflight,
@@ -180,6 +191,8 @@ class Runtime:
 
 def _health(upstream: Upstream) -> str:
     healthy = upstream.monitor.healthy
+    if upstream.monitor.warming:
+        return "warming up"
     return "not probed yet" if healthy is None else "healthy" if healthy else "unhealthy"
 
 

@@ -14,6 +14,7 @@ import httpx
 
 from engine import launch
 from engine.client.monitor import EngineMonitor
+from engine.client.warmup import Warmup
 from proxy.core.config import ENGINE_PREFIX, Config, UpstreamEntry, entries
 from proxy.upstream.admission import Admission
 from proxy.upstream.model import ModelRoute, Upstream
@@ -59,6 +60,7 @@ def build_routes(
                     metrics_interval=config.upstream.metrics_interval,
                     connect_timeout=config.upstream.connect_timeout,
                     api_key=api_key,
+                    warmup=_warmup(config, entry),
                 )
             route.add(
                 Upstream(
@@ -89,6 +91,12 @@ def _engine_served_name(config: Config, entry: UpstreamEntry) -> str | None:
     # The name the engine was launched with (--served-model-name), not its model path.
     engine = _engine(config, entry)
     return launch.served_name(engine, config.engines[engine]) if engine else None
+
+
+def _warmup(config: Config, entry: UpstreamEntry) -> Warmup | None:
+    # Engines vgate launches are warmed up; a URL upstream is someone else's to warm.
+    engine = _engine(config, entry)
+    return launch.warmup_of(config.engines[engine]) if engine else None
 
 
 def _api_key(config: Config, entry: UpstreamEntry) -> str | None:

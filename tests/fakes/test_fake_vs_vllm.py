@@ -115,9 +115,17 @@ def test_chat_shapes(fake_engine: FakeVLLM, vllm_server: VllmServer) -> None:
     fake_s, real_s = both(fake_engine, vllm_server, "POST", "/v1/chat/completions", streamed)
     got = [orjson.loads(e) for e in events(fake_s.content)[:-1]]
     want = [orjson.loads(e) for e in events(real_s.content)[:-1]]
+
+    def outline(chunk: dict[str, Any]) -> Any:
+        # A token may detokenize to nothing yet (half a UTF-8 character): vLLM then sends an
+        # empty delta. The delta's keys are checked apart; the rest of the chunk by shape.
+        for choice in chunk.get("choices", []):
+            assert set(choice.pop("delta")) <= {"role", "content"}
+        return shape(chunk)
+
     # role chunk, a content chunk, the finish chunk, the usage chunk
-    assert [shape(c) for c in (got[0], got[1], got[-2], got[-1])] == [
-        shape(c) for c in (want[0], want[1], want[-2], want[-1])
+    assert [outline(c) for c in (got[0], got[1], got[-2], got[-1])] == [
+        outline(c) for c in (want[0], want[1], want[-2], want[-1])
     ]
 
 

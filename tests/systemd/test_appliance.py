@@ -273,8 +273,10 @@ def test_start_target_readiness_order(sb: Sandbox) -> None:
     assert engine["ActiveState"] == proxy["ActiveState"] == "active", sb.journal(ENGINE)[-3000:]
     e_start, e_active = (int(engine[p]) for p in props[1:])
     p_start, p_active = (int(proxy[p]) for p in props[1:])
-    # The engine turned active only after /health answered (vLLM takes seconds to load)...
+    # The engine turned active only after /health answered (vLLM takes seconds to load) and
+    # its warm-up generation was answered...
     assert e_active - e_start > 2_000_000
+    assert "engine tiny: warmed up in" in sb.journal(ENGINE)
     # ...and the proxy was started after that (Before=), and was ready after its own start.
     assert p_start >= e_active
     assert p_active > p_start

@@ -70,5 +70,11 @@ class EngineConfig:
     # and background responses. vLLM never evicts them: memory grows with every stored
     # response until the engine restarts, so it is off unless asked for.
     responses_store: bool = False
+    # Ready only after one real short request (engine.client.warmup): `warmup_tokens` generated
+    # from `warmup_prompt` (an embedding of it for a pooling engine), within `warmup_timeout`.
+    warmup: bool = True
+    warmup_prompt: str = check(non_empty, "Hello")
+    warmup_tokens: int = check(positive, 8)
+    warmup_timeout: float = check(positive, 120.0)
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)  # last word over every variable we set
