@@ -79,6 +79,30 @@ class Storage(ABC):
         """Release connections."""
 
 
+def apply(
+    charges: Sequence[Charge], force: bool, now: float, tat_of: Callable[[str], float | None]
+) -> tuple[Decision, list[float]]:
+    """The GCRA step over `charges` at `now`, given each bucket's stored TAT (None: never
+    charged): the decision, and the new TATs to store if it allows (a storage stores them)."""
+    current: list[float] = []
+    after: list[float] = []
+    retry = 0.0
+    for bucket, cost in charges:
+        tat = tat_of(bucket.key)
+        if tat is None or tat < now:
+            tat = now
+        new = tat + cost * bucket.interval
+        if new < now:
+            new = now
+        elif cost > 0 and not force and new - now > bucket.window + _EPSILON:
+            retry = max(retry, new - bucket.window - now)
+        current.append(tat - now)
+        after.append(new - now)
+    if retry > 0:
+        return Decision(False, retry, current), []
+    return Decision(True, 0.0, after), [now + used for used in after]
+
+
 class MemoryStorage(Storage):
     """In-process buckets: one float per key. Atomic because it never awaits.
 
@@ -91,27 +115,10 @@ class MemoryStorage(Storage):
         self._tat: dict[str, float] = {}
 
     async def charge(self, charges: Sequence[Charge], *, force: bool = False) -> Decision:
-        now = self._clock()
-        tats = self._tat
-        current: list[float] = []
-        after: list[float] = []
-        retry = 0.0
-        for bucket, cost in charges:
-            tat = tats.get(bucket.key, now)
-            if tat < now:
-                tat = now
-            new = tat + cost * bucket.interval
-            if new < now:
-                new = now
-            elif cost > 0 and not force and new - now > bucket.window + _EPSILON:
-                retry = max(retry, new - bucket.window - now)
-            current.append(tat - now)
-            after.append(new - now)
-        if retry > 0:
-            return Decision(False, retry, current)
-        for (bucket, _), used in zip(charges, after, strict=True):
-            tats[bucket.key] = now + used
-        return Decision(True, 0.0, after)
+        decision, tats = apply(charges, force, self._clock(), self._tat.get)
+        for (bucket, _), tat in zip(charges, tats, strict=False):
+            self._tat[bucket.key] = tat
+        return decision
 
     async def adjust(self, buckets: Sequence[Bucket], delta: float) -> None:
         now = self._clock()

@@ -22,6 +22,7 @@ from policies.buckets import Bucket, Charge, Decision, MemoryStorage, Storage
 from policies.buckets import StorageUnavailable as StorageUnavailable
 from policies.quotas import Limits
 from policies.services import Services
+from policies.shm_storage import SharedFileStorage
 from proxy.core.binder import Binder, check, positive
 from proxy.core.config import Config
 from proxy.core.errors import RateLimited, VgateError
@@ -189,7 +190,11 @@ def _shared_storage(settings: RateLimitSettings, services: Services) -> Storage:
     name = f"ratelimit:{settings.storage}"
     storage = services.shared.get(name)
     if not isinstance(storage, Storage):
-        if settings.storage == "memory":
+        box = services.box
+        if settings.storage == "memory" and box is not None and box.count > 1:
+            # One limit for the box across its workers, with no service to run.
+            storage = SharedFileStorage(box.ratelimit_file)
+        elif settings.storage == "memory":
             storage = MemoryStorage()
         else:
             from policies.redis_storage import RedisStorage  # redis is an optional dependency

@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 
+from proxy.core.box import Box
 from proxy.core.config import Config
 from proxy.upstream.model import ModelRoute
 
@@ -18,3 +19,4 @@ class Services:
     routes: dict[str, ModelRoute]
     # Resources every model's policies share (one rate-limit storage), closed by the runtime.
     shared: dict[str, Any] = field(default_factory=dict)
+    box: Box | None = None  # the worker processes this one shares the box with, if any

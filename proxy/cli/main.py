@@ -14,9 +14,17 @@ from proxy.runtime import load
 
 def _serve(args: argparse.Namespace) -> int:
     # Imported here: uvicorn and the app are not needed by the other commands.
+    from proxy.core.box import Box
     from proxy.ops.server import serve
+    from proxy.ops.workers import Supervisor
 
-    serve(load.load(args.config), args.config)
+    config = load.load(args.config)
+    if args.worker is not None:
+        serve(config, args.config, Box.parse(args.worker))
+    elif config.server.worker_count() > 1:
+        return Supervisor(config, args.config).run()
+    else:
+        serve(config, args.config)
     return 0
 
 
@@ -40,6 +48,8 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("serve", help="run the proxy")
     s.add_argument("--config", required=True, help="TOML config file")
+    # DIR:INDEX:COUNT: started by the supervisor of `[server] workers`, never by hand.
+    s.add_argument("--worker", help=argparse.SUPPRESS)
     s.set_defaults(func=_serve)
     c = sub.add_parser("check-config", help="validate a config file and print every problem")
     c.add_argument("config", help="TOML config file")

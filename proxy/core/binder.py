@@ -162,6 +162,8 @@ def _join(key: str, name: str) -> str:
 
 
 def _name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return ", ".join(repr(a) for a in get_args(tp))
     return {str: "string", bool: "boolean", int: "integer", float: "number"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )

@@ -13,6 +13,7 @@ import httpx
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from proxy.core.box import Box
 from proxy.core.config import Config
 from proxy.core.errors import VgateError
 from proxy.http.dispatch import Dispatcher, Handler
@@ -49,14 +50,18 @@ class App(Dispatcher):
     state: AppState
 
 
-def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None) -> App:
-    """Build the app; `transport` lets tests put a respx router or a fake under the client."""
+def create_app(
+    config: Config, transport: httpx.AsyncBaseTransport | None = None, box: Box | None = None
+) -> App:
+    """Build the app; `transport` lets tests put a respx router or a fake under the client;
+    `box`: this is one worker of several (its metrics go to its supervisor's listener)."""
     holder = RuntimeHolder()
     # Metrics belong to the app, not the Runtime: counters survive a config reload.
     metrics = ProxyMetrics(holder.peek)
     observer = Observer(metrics, config.logging.requests)
+    socket = box.admin_socket() if box is not None else None
     admin = (
-        AdminServer(config.admin.host, config.admin.port, metrics.registry.render)
+        AdminServer(config.admin.host, config.admin.port, metrics.registry.render, socket)
         if config.admin.enabled
         else None
     )
@@ -68,7 +73,7 @@ def create_app(config: Config, transport: httpx.AsyncBaseTransport | None = None
     async def lifespan() -> AsyncIterator[None]:
         client = make_control_client(config.upstream, transport)
         upstream_client = make_client(config.upstream, transport)
-        runtime = Runtime(config, client, upstream_client, apis)
+        runtime = Runtime(config, client, upstream_client, apis, box=box)
         await runtime.start()
         holder.set(runtime)
         if admin is not None:

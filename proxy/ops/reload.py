@@ -24,6 +24,7 @@ RESTART_ONLY = {
     "server": (
         "host",
         "port",
+        "workers",
         "keepalive_timeout",
         "max_concurrency",
         "max_connections_per_client",
@@ -71,7 +72,9 @@ class Reloader:
         old = self.holder()
         try:
             new_config = load.load(self.path)
-            runtime = Runtime(new_config, old.client, old.upstream_client, old.apis, old.id_secret)
+            runtime = Runtime(
+                new_config, old.client, old.upstream_client, old.apis, old.id_secret, old.box
+            )
         except ConfigError as exc:
             log.error(
                 "reload refused, the running config is kept: %s: %s",

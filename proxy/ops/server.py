@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import faulthandler
 import logging
+import os
 import signal
 import socket
 from collections.abc import Coroutine
@@ -21,6 +23,7 @@ from typing import Any
 
 import uvicorn
 
+from proxy.core.box import Box
 from proxy.core.config import Config
 from proxy.http.app import App, create_app
 from proxy.http.guard import SHUTDOWN
@@ -37,9 +40,11 @@ log = logging.getLogger("vgate.server")
 CANCEL_GRACE = 2.0
 
 
-def uvicorn_config(config: Config, app: App | None = None) -> uvicorn.Config:
+def uvicorn_config(
+    config: Config, app: App | None = None, box: Box | None = None
+) -> uvicorn.Config:
     server = config.server
-    app = create_app(config) if app is None else app
+    app = create_app(config, box=box) if app is None else app
     return uvicorn.Config(
         app,
         host=server.host,
@@ -52,7 +57,7 @@ def uvicorn_config(config: Config, app: App | None = None) -> uvicorn.Config:
         access_log=False,  # one structured line per request comes from vgate itself
         log_level=config.logging.level,
         # JSON lines on stderr for vgate's and uvicorn's loggers: the journal under systemd.
-        log_config=dict_config(config.logging),
+        log_config=dict_config(config.logging, None if box is None else box.index),
         server_header=False,
         date_header=False,
         timeout_keep_alive=int(server.keepalive_timeout),
@@ -70,9 +75,10 @@ class VgateServer(uvicorn.Server):
         config: Config,
         path: str | None = None,
         notifier: Notifier | None = None,
+        box: Box | None = None,
     ) -> None:
-        app = create_app(config)
-        super().__init__(uvicorn_config(config, app))
+        app = create_app(config, box=box)
+        super().__init__(uvicorn_config(config, app, box))
         self.notifier = notifier if notifier is not None else Notifier()
         self.holder: RuntimeHolder = app.state.runtime
         self.reloader = Reloader(self.holder, path) if path else None
@@ -165,11 +171,47 @@ class VgateServer(uvicorn.Server):
         return True
 
 
-def serve(config: Config, path: str | None = None) -> None:
-    """Run the proxy until SIGTERM/SIGINT; `path` is the config file SIGHUP reloads.
+def serve(config: Config, path: str | None = None, box: Box | None = None) -> None:
+    """Run the proxy until SIGTERM/SIGINT; `path` is the config file SIGHUP reloads; `box`:
+    as one worker of a supervisor (proxy.ops.workers), on a port the workers share.
 
     `config` comes from proxy.runtime.load, which has refused a public bind without auth.
     """
     # On a watchdog kill (SIGABRT) the journal then shows where the event loop was stuck.
     faulthandler.enable()
-    VgateServer(config, path).run()
+    if box is None:
+        VgateServer(config, path).run()
+        return
+    die_with_parent()
+    sock = reuseport_socket(config.server.host, config.server.port)
+    VgateServer(config, path, box=box).run(sockets=[sock])
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A listening socket that the box's other workers bind too: the kernel spreads new
+    connections over them (SO_REUSEPORT), rather than waking every worker for each."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def die_with_parent() -> None:
+    """A worker whose supervisor is gone (killed with -9) gets SIGTERM and drains, rather than
+    serving on without anyone to restart, reload or stop it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the supervisor died before the call
+        os.kill(os.getpid(), signal.SIGTERM)

@@ -18,6 +18,7 @@ from starlette.datastructures import Headers
 from policies import authenticator, build_policies, close_policies
 from policies.services import Services
 from proxy.core.api import Api, Bounds
+from proxy.core.box import Box
 from proxy.core.config import Config
 from proxy.core.errors import ModelNotFound
 from proxy.core.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse, chain
@@ -39,6 +40,7 @@ class Runtime:
         upstream_client: UpstreamClient,
         apis: Sequence[Api],
         id_secret: bytes = b"",
+        box: Box | None = None,
     ) -> None:
         self.config = config
         self.apis = list(apis)
@@ -57,7 +59,8 @@ class Runtime:
         self.routes, self.monitors = build_routes(
             config, self._control, registry.breaker_factory(config)
         )
-        self.services = services = Services(config, client, self.routes)
+        self.box = box
+        self.services = services = Services(config, client, self.routes, box=box)
         modules = registry.build(config, self.routes)
         forwarder = Forwarder(
             upstream_client,
@@ -71,9 +74,10 @@ class Runtime:
         )
         self.forwarder = forwarder
         chains = {name: [r.name for r in modules.chains[name]] for name in config.models}
-        # The secret response ids are signed with: the config's, else the process's (passed
+        # The secret response ids are signed with: the config's, else the box's (every worker
+        # reads every id), else the process's (passed
         # on to the runtime a reload builds, so ids outlive reloads).
-        self.id_secret = id_secret or secrets.token_bytes(32)
+        self.id_secret = id_secret or (box.secret if box else b"") or secrets.token_bytes(32)
         configured = config.server.response_id_secret
         self.response_ids = ResponseIds(
             self.routes, configured.encode() if configured else self.id_secret

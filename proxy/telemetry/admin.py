@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 from proxy.telemetry.registry import CONTENT_TYPE
 
@@ -23,17 +25,25 @@ _READ_TIMEOUT = 5.0
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
 
 
-class AdminServer:
-    """Serves `render()` at /metrics; `port` is the bound one (config port 0: any free port)."""
+Render = Callable[[], bytes] | Callable[[], Awaitable[bytes]]
 
-    def __init__(self, host: str, port: int, render: Callable[[], bytes]) -> None:
+
+class AdminServer:
+    """Serves `render()` at /metrics; `port` is the bound one (config port 0: any free port).
+    With `path`, on that unix socket instead (a worker's, read by its supervisor)."""
+
+    def __init__(self, host: str, port: int, render: Render, path: Path | None = None) -> None:
         self.host = host
         self.port = port
+        self.path = path
         self._render = render
         self._server: asyncio.Server | None = None
         self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
+        if self.path is not None:
+            self._server = await asyncio.start_unix_server(self._handle, self.path, limit=_MAX_HEAD)
+            return
         self._server = await asyncio.start_server(
             self._handle, self.host, self.port, limit=_MAX_HEAD
         )
@@ -58,6 +68,9 @@ class AdminServer:
             async with asyncio.timeout(_READ_TIMEOUT):
                 head = await reader.readuntil(b"\r\n\r\n")
             status, content_type, body = self._answer(head)
+            if body is None:  # the metrics: rendered now (by a supervisor, awaited)
+                rendered = self._render()
+                body = await rendered if inspect.isawaitable(rendered) else rendered
             writer.write(_response(status, content_type, body, head.startswith(b"HEAD ")))
             await writer.drain()
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError):
@@ -70,7 +83,7 @@ class AdminServer:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    def _answer(self, head: bytes) -> tuple[int, str, bytes]:
+    def _answer(self, head: bytes) -> tuple[int, str, bytes | None]:
         parts = head.split(b"\r\n", 1)[0].split(b" ")
         if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
             return 400, "text/plain", b"bad request\n"
@@ -81,7 +94,7 @@ class AdminServer:
             return 405, "text/plain", b"method not allowed\n"
         if target == b"/health":
             return 200, "text/plain", b"ok\n"
-        return 200, CONTENT_TYPE, self._render()
+        return 200, CONTENT_TYPE, None
 
 
 def _response(status: int, content_type: str, body: bytes, head_only: bool) -> bytes:

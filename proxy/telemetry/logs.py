@@ -32,8 +32,9 @@ LOGGERS = ("vgate", "uvicorn", "engine", "proxy", "policies")
 class _Formatter(logging.Formatter):
     """The fields every line has; the timestamp's date part is formatted once per second."""
 
-    def __init__(self) -> None:
+    def __init__(self, worker: int | None = None) -> None:
         super().__init__()
+        self._worker = worker  # which worker process of the box logged it, when several
         self._second = -1
         self._prefix = ""
 
@@ -48,6 +49,8 @@ class _Formatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        if self._worker is not None:
+            data["worker"] = self._worker
         # A record made away from its request (batched) carries the id itself.
         rid = getattr(record, "request_id", None) or REQUEST_ID.get()
         if rid is not None:
@@ -213,15 +216,16 @@ def request_record(
     return record
 
 
-def dict_config(config: LoggingConfig) -> dict[str, Any]:
-    """A `logging.config.dictConfig` for uvicorn's `log_config` (it applies it at startup)."""
+def dict_config(config: LoggingConfig, worker: int | None = None) -> dict[str, Any]:
+    """A `logging.config.dictConfig` for uvicorn's `log_config` (it applies it at startup);
+    `worker`: every line says which worker process of the box it comes from."""
     level = config.level.upper()
     formatter = JsonFormatter if config.format == "json" else TextFormatter
     return {
         "version": 1,
         # Loggers created at import time (engine monitors) must keep working.
         "disable_existing_loggers": False,
-        "formatters": {"vgate": {"()": formatter}},
+        "formatters": {"vgate": {"()": formatter, "worker": worker}},
         "handlers": {"stderr": {"()": StderrHandler, "formatter": "vgate"}},
         "loggers": {
             name: {"handlers": ["stderr"], "level": level, "propagate": False} for name in LOGGERS

@@ -28,7 +28,7 @@ def _escape(value: object) -> str:
     return text
 
 
-def _number(value: float) -> str:
+def format_number(value: float) -> str:
     if value == math.inf:
         return "+Inf"
     if value == -math.inf:
@@ -119,7 +119,7 @@ class Counter(Family[Value]):
         return Value()
 
     def _render_child(self, out: list[str], values: LabelValues, child: Value) -> None:
-        out.append(f"{self.name}{_labels(self.label_names, values)} {_number(child.value)}")
+        out.append(f"{self.name}{_labels(self.label_names, values)} {format_number(child.value)}")
 
 
 class Gauge(Counter):
@@ -169,10 +169,10 @@ class Histogram(Family[HistogramChild]):
         cumulative = 0
         for bound, count in zip((*self.bounds, math.inf), child.counts, strict=True):
             cumulative += count
-            le = f'le="{_number(bound)}"'
+            le = f'le="{format_number(bound)}"'
             out.append(f"{self.name}_bucket{_labels(self.label_names, values, le)} {cumulative}")
         labels = _labels(self.label_names, values)
-        out.append(f"{self.name}_sum{labels} {_number(child.sum)}")
+        out.append(f"{self.name}_sum{labels} {format_number(child.sum)}")
         out.append(f"{self.name}_count{labels} {cumulative}")
 
 

@@ -13,6 +13,7 @@ from proxy.core.binder import (
     port_number,
     positive,
 )
+from proxy.core.box import cores
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,6 +27,11 @@ class ServerConfig:
     # Seconds SIGTERM waits for open streams before cancelling them upstream.
     drain_timeout: float = check(non_negative, 30.0)
     max_concurrency: int | None = check(lambda v: positive(v) if v is not None else None, None)
+    # Processes accepting on the one port (SO_REUSEPORT) under one supervisor; "auto": one per
+    # core this process may use. Limits such as max_concurrency then apply per worker.
+    workers: int | Literal["auto"] = check(
+        lambda v: None if v == "auto" or 1 <= v <= 256 else 'must be 1-256 or "auto"', 1
+    )
     # Signs the response ids clients see (proxy.runtime.response_ids): set the same secret on
     # every proxy behind one load balancer; unset, a random one per process.
     response_id_secret: str | None = check(
@@ -51,6 +57,9 @@ class ServerConfig:
     # The request line and headers together; and how many header fields (431 beyond either).
     max_header_bytes: int = check(positive, 64 * 1024)
     max_headers: int = check(positive, 100)
+
+    def worker_count(self) -> int:
+        return cores() if self.workers == "auto" else self.workers
 
 
 @dataclass(frozen=True, kw_only=True)
