@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from engine.store.pinned import check_model
-from proxy.cli import engine, keys, models, systemd
+from proxy.cli import engine, keys, models, status, systemd
 from proxy.core.binder import ConfigError
 from proxy.runtime import load
 
@@ -54,7 +54,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser("check-config", help="validate a config file and print every problem")
     c.add_argument("config", help="TOML config file")
     c.set_defaults(func=_check_config)
-    for module in (engine, systemd, keys, models):
+    for module in (engine, systemd, keys, models, status):
         module.register(sub)
     return p
 

@@ -179,6 +179,8 @@ class Runtime:
             name: {
                 u.label: {
                     "healthy": u.monitor.healthy,
+                    # Why the last health round failed (or "warming up: ..."); None when healthy.
+                    "error": u.monitor.last_error,
                     # None: no warm-up for this upstream (a URL, or `warmup = false`).
                     "warmed_up": u.monitor.warmed if u.monitor.warmup is not None else None,
                     "breaker": u.breaker.current_state,

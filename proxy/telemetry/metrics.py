@@ -1,7 +1,8 @@
 """vgate's metric families (one set per app) and what fills them.
 
 For each finished request (in batches: `proxy.telemetry.observe`), `ProxyMetrics.record` adds to
-counters and histograms through cached children (a dict lookup and an add each). State that
+counters and histograms through cached children (a dict lookup and an add each), and to the
+last minute's window (`proxy.telemetry.window`, for `vgate status`). State that
 already lives somewhere (upstream health, engine load, queue depth, breaker state, requests in
 flight) is read at scrape time by a collector instead, so it costs nothing per request.
 
@@ -27,6 +28,7 @@ from proxy.runtime.runtime import Runtime
 from proxy.telemetry.procstats import ProcReader
 from proxy.telemetry.records import Finished
 from proxy.telemetry.registry import Counter, Family, Gauge, Registry
+from proxy.telemetry.window import RecentWindow
 
 # Latency of LLM requests spans milliseconds (errors, tiny answers) to minutes (long generations).
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -69,6 +71,8 @@ class ProxyMetrics:
         self._runtime = runtime
         self._process = ProcReader()  # process_* figures from /proc/self, read at scrape time
         self.in_flight = 0  # completion requests the endpoints are handling right now
+        # The last minute, for `vgate status` (one scrape has no rates): proxy.telemetry.window.
+        self.recent = RecentWindow()
         self.requests = r.counter(
             "vgate_requests_total",
             "Completion requests by model, route, final status and outcome.",
@@ -150,6 +154,7 @@ class ProxyMetrics:
         "unknown")."""
         model, route, outcome = fin.label, fin.route, fin.outcome
         self.requests.labels(model, route, fin.status, outcome).inc()
+        self.recent.add(model, fin.started_at + fin.latency, fin.ttft)
         if fin.ttft is not None:
             self.ttft.labels(model, route).observe(fin.ttft)
         code = fin.error.code if fin.error is not None else None
@@ -196,6 +201,7 @@ class ProxyMetrics:
         in_flight.labels().set(self.in_flight)
         yield in_flight
         yield from self._process.families()
+        yield from self.recent.families()
         tasks = _loop_tasks()
         if tasks is not None:
             gauge = Gauge(

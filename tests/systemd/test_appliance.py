@@ -291,6 +291,25 @@ def test_start_target_readiness_order(sb: Sandbox) -> None:
     print(f"vgate.target start took {took:.1f} s")
 
 
+def test_status_reads_the_running_appliance(sb: Sandbox) -> None:
+    # An operator's look, with the appliance's default config path (readable by root only).
+    status = sb.run(["/opt/vgate/bin/vgate", "status"], check=False)
+    assert status.returncode == 0, status.stdout + status.stderr
+    lines = [line.split() for line in status.stdout.splitlines()]
+    assert lines[0][:3] == ["vgate", "http://127.0.0.1:8080", "ready"]
+    assert ["tiny", "engine:tiny", "healthy", "closed", "0", "warmed", "up"] in lines
+    engine = next(line for line in lines if line[:2] == ["tiny", "http://127.0.0.1:8000"])
+    assert engine[2] == "tiny" and engine[3].endswith("%")
+    assert "no metrics: the admin listener is off" in status.stdout
+    data = json.loads(sb.run(["/opt/vgate/bin/vgate", "status", "--json"]).stdout)
+    assert data["state"] == "ready" and data["engines"][0]["url"] == "http://127.0.0.1:8000"
+    # A user who may not read the config is told so, not shown a wrong screen.
+    denied = sb.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+                     "/opt/vgate/bin/vgate", "status"], check=False)  # fmt: skip
+    assert denied.returncode == 2
+    assert "/etc/vgate/vgate.toml" in denied.stderr and "Permission denied" in denied.stderr
+
+
 def test_restart_is_ready_when_started(sb: Sandbox) -> None:
     before = main_pid(sb, PROXY)
     sb.systemctl("restart", PROXY)
