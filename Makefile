@@ -106,8 +106,10 @@ check: lint typecheck layers
 # The hot path per API: chat first (the figures every other route is held against).
 BENCH_ROUTES ?= chat responses messages embeddings
 bench: proxy-venv
-	@command -v wrk >/dev/null || { \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; }
+	@command -v wrk >/dev/null && command -v nginx >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk nginx-light >/dev/null; }
+	@echo "== columns: direct, nginx, vgate core, full, full with 2 workers (chat)"
+	$(VENV)/bin/python bench/compare.py
 	@for route in $(BENCH_ROUTES); do \
 		echo "== route $$route"; $(VENV)/bin/python bench/proxy_bench.py --route $$route || exit 1; \
 	done

@@ -96,17 +96,45 @@ def free_port() -> int:
     return port
 
 
+def tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a supervisor's workers; nginx's master and worker)."""
+    out, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        out.append(current)
+        try:
+            for task in os.listdir(f"/proc/{current}/task"):
+                with open(f"/proc/{current}/task/{task}/children") as fh:
+                    todo += [int(child) for child in fh.read().split()]
+        except OSError:
+            continue
+    return out
+
+
 def cpu_seconds(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of `pid` so far."""
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    # After the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
-    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+    """(user, system) CPU seconds of `pid` and its descendants so far."""
+    user = system = 0.0
+    for each in tree(pid):
+        try:
+            with open(f"/proc/{each}/stat") as fh:
+                fields = fh.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # After the command name: state is field 3, utime 14 and stime 15 (1-based, man 5 proc).
+        user += int(fields[11]) / CLK_TCK
+        system += int(fields[12]) / CLK_TCK
+    return user, system
 
 
 def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/statm") as fh:
-        return int(fh.read().split()[1]) * PAGE / 2**20
+    total = 0
+    for each in tree(pid):
+        try:
+            with open(f"/proc/{each}/statm") as fh:
+                total += int(fh.read().split()[1])
+        except OSError:
+            continue
+    return total * PAGE / 2**20
 
 
 # -- load ------------------------------------------------------------------------------------
@@ -383,14 +411,15 @@ per_key = {{{{ requests_per_minute = 100000000, tokens_per_minute = 1000000000 }
 
 
 def write_config(
-    directory: str, port: int, fake_port: int, profile: str, request_log: bool
+    directory: str, port: int, fake_port: int, profile: str, request_log: bool, workers: int = 1
 ) -> Path:
-    path = Path(directory) / "bench.toml"
+    path = Path(directory) / f"bench-{profile}-{workers}.toml"
     extra = PROFILES[profile].format(request_log=str(request_log).lower())
     path.write_text(
         f"""[server]
 host = "127.0.0.1"
 port = {port}
+workers = {workers}
 
 [upstream]
 health_interval = 60.0

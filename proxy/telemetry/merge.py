@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from proxy.telemetry.registry import format_number
 
 _SUMMED = frozenset({"counter", "histogram"})
-_MAX = frozenset({"vgate_upstream_breaker_state", "process_max_fds"})
-_MIN = frozenset({"vgate_model_ready", "vgate_upstream_healthy"})
+# A quantile of the box is not a sum of the workers': the slowest worker's is the honest bound.
+_MAX = frozenset({"vgate_upstream_breaker_state", "process_max_fds", "vgate_recent_ttft_seconds"})
+_MIN = frozenset({"vgate_model_ready", "vgate_upstream_healthy", "vgate_recent_window_seconds"})
 _OWN = frozenset({"process_start_time_seconds"})  # the supervisor's value, not the workers'
 
 
