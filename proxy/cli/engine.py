@@ -8,7 +8,7 @@ import sys
 import time
 from dataclasses import replace
 
-from engine import launch
+from engine import launch, preflight
 from engine.store.manifest import StoreError
 from engine.store.pinned import model_path, resolve_model
 from proxy.core.binder import ConfigError
@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     up.add_argument("--config", required=True, help="TOML config file")
     up.add_argument(
         "--ready-timeout", type=float, default=900.0, help="seconds to wait for /ready (900)"
+    )
+    shown = up.add_mutually_exclusive_group()
+    shown.add_argument("--quiet", action="store_true", help="no line per request once ready")
+    shown.add_argument(
+        "--verbose", action="store_true", help="every line the engines and the proxy log"
     )
     up.set_defaults(func=_up)
 
@@ -73,6 +78,11 @@ def _engine_run(args: argparse.Namespace) -> int:
     except StoreError as exc:
         print(f"vgate engine {name}: refusing to start: {exc}", file=sys.stderr)
         return 2
+    missing = preflight.problems(name, engine, model)
+    for problem in missing:
+        print(f"vgate engine {name}: refusing to start: {problem}", file=sys.stderr)
+    if missing:
+        return 2
     sys.stdout.flush()
     launch.exec_engine(launch.build(name, replace(engine, model=model)))
     return 1  # not reached: exec replaced this process
@@ -89,6 +99,8 @@ def _build_model(args: argparse.Namespace) -> int:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from proxy.ops.echo import Echo
     from proxy.ops.up import up
 
-    return asyncio.run(up(args.config, ready_timeout=args.ready_timeout))
+    shown = Echo(quiet=args.quiet, verbose=args.verbose)
+    return asyncio.run(up(args.config, ready_timeout=args.ready_timeout, shown=shown))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import re
 import shutil
 import signal
 import socket
@@ -22,11 +23,16 @@ from typing import TextIO
 
 import httpx
 
-from engine import launch, procs
+from engine import launch, preflight, procs
+from engine.store.pinned import model_path
 from proxy.core.config import Config
+from proxy.ops.echo import Echo, banner
 from proxy.runtime import load
 
 TAIL_LINES = 20
+# Kept to find the cause of a death: vLLM's root error is often 30 lines of worker tracebacks
+# and shutdown noise above its last line.
+KEPT_LINES = 300
 
 
 @dataclass
@@ -39,10 +45,10 @@ class Child:
     health_url: str | None = None  # engines: polled directly to show when loading is done
     proc: asyncio.subprocess.Process | None = None
     tail: collections.deque[str] = field(
-        default_factory=lambda: collections.deque(maxlen=TAIL_LINES)
+        default_factory=lambda: collections.deque(maxlen=KEPT_LINES)
     )
     healthy_after: float | None = None
-    echo: bool = False  # pass lines through once everything is up
+    echo: bool = False  # show lines once everything is up (proxy.ops.echo picks which)
 
     @property
     def pid(self) -> int:
@@ -80,13 +86,31 @@ def proxy_url(cfg: Config) -> str:
     return f"http://{host}:{cfg.server.port}"
 
 
-async def up(config_path: str, *, out: TextIO = sys.stdout, ready_timeout: float = 900.0) -> int:
-    """Run everything until a signal (exit 0) or a failure (exit 1)."""
+async def up(
+    config_path: str,
+    *,
+    out: TextIO = sys.stdout,
+    ready_timeout: float = 900.0,
+    shown: Echo | None = None,
+) -> int:
+    """Run everything until a signal (exit 0) or a failure (exit 1); once ready, `shown`
+    picks what of the children's output reaches `out` (default: a line per request, and
+    warnings and errors)."""
+    echo = shown if shown is not None else Echo()
     cfg = load.load(config_path)
     busy = _busy_ports(cfg)
     if busy:
         for what in busy:
             print(f"vgate up: {what} is already in use", file=sys.stderr)
+        return 1
+    missing = [
+        problem
+        for name, e in cfg.engines.items()
+        for problem in preflight.problems(name, e, model_path(e.model, e.model_store))
+    ]
+    for problem in missing:
+        print(f"vgate up: {problem}", file=sys.stderr)
+    if missing:
         return 1
     children = children_for(cfg, config_path)
     stop = asyncio.Event()
@@ -105,7 +129,7 @@ async def up(config_path: str, *, out: TextIO = sys.stdout, ready_timeout: float
                 preexec_fn=procs.die_with_parent(),
                 limit=1 << 20,  # vLLM logs its whole config on one line
             )
-            readers.append(asyncio.create_task(_read_lines(child, out)))
+            readers.append(asyncio.create_task(_read_lines(child, out, echo)))
         return await _supervise(cfg, children, stop, out, ready_timeout)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -171,7 +195,7 @@ async def _supervise(
     return 0
 
 
-async def _read_lines(child: Child, out: TextIO) -> None:
+async def _read_lines(child: Child, out: TextIO, echo: Echo) -> None:
     assert child.proc is not None and child.proc.stdout is not None
     stream = child.proc.stdout
     while True:
@@ -186,7 +210,9 @@ async def _read_lines(child: Child, out: TextIO) -> None:
             continue
         child.tail.append(line)
         if child.echo:
-            print(f"[{child.name}] {line}", file=out, flush=True)
+            shown = echo.line(child.name, line)
+            if shown is not None:
+                print(shown, file=out, flush=True)
 
 
 async def _ok(client: httpx.AsyncClient, url: str) -> bool:
@@ -214,10 +240,19 @@ def _report_death(child: Child) -> int:
 
 
 def _print_tail(child: Child) -> None:
+    lines = list(child.tail)
+    cause = next((line for line in reversed(lines) if _CAUSE.search(line)), None)
     print(f"--- last lines of {child.name} ---", file=sys.stderr)
-    for line in child.tail:
+    for line in lines[-TAIL_LINES:]:
         print(f"  {line}", file=sys.stderr)
+    if cause is not None and cause not in lines[-TAIL_LINES:]:
+        print(f"--- the error above them ---\n  {cause}", file=sys.stderr)
     sys.stderr.flush()
+
+
+# The line a Python process dies of: `ValueError: ...`, `torch.OutOfMemoryError: ...`; not the
+# generic "Engine core initialization failed" wrapper vLLM adds after it.
+_CAUSE = re.compile(r"\b(?!RuntimeError: Engine core)[A-Za-z_.]*(Error|Exception): ")
 
 
 def _status_line(children: list[Child], elapsed: float) -> str:
@@ -267,17 +302,7 @@ class _Progress:
 def _print_banner(
     cfg: Config, base: str, children: list[Child], elapsed: float, out: TextIO
 ) -> None:
-    model = next(iter(cfg.models))
-    print(f"vgate is ready after {elapsed:.0f} s", file=out)
-    print(f"  base_url: {base}/v1", file=out)
-    print("  try:", file=out)
-    print(
-        f"    curl -s {base}/v1/chat/completions -H 'Content-Type: application/json' \\\n"
-        f'      -d \'{{"model": "{model}", "max_tokens": 32, '
-        f'"messages": [{{"role": "user", "content": "Hello!"}}]}}\'',
-        file=out,
-    )
-    print("  Ctrl-C stops everything.", file=out, flush=True)
+    print(banner(cfg, base, elapsed), file=out, flush=True)
 
 
 def _busy_ports(cfg: Config) -> list[str]:

@@ -15,6 +15,7 @@ import httpx
 import pytest
 
 from engine import procs
+from tests.fakes.processes import ROOT
 from tests.vllm_fixtures import free_port, require_engine_python
 
 UP_TIMEOUT = float(os.environ.get("VGATE_VLLM_START_TIMEOUT", "420"))
@@ -135,6 +136,12 @@ def test_up_serves_then_stops_everything_on_sigterm(
     )
     assert answer.status_code == 200, answer.text
     assert answer.json()["usage"]["completion_tokens"] == 4
+    # Once ready, a line per request (not the proxy's JSON, not vLLM's statistics).
+    deadline = time.monotonic() + 10
+    while "200 ok  POST /v1/chat/completions  tiny" not in log.read_text():
+        assert time.monotonic() < deadline, log.read_text()[-2000:]
+        time.sleep(0.2)
+    assert '"logger":"vgate.request"' not in log.read_text()
 
     tree = descendants(proc.pid)
     groups = set(tree.values())
@@ -154,6 +161,7 @@ def test_up_stops_the_rest_and_reports_when_a_child_dies(
     tmp_path: Path, reaper: list[subprocess.Popen[bytes]]
 ) -> None:
     # `false` is a real engine that fails at once: the supervisor's failure path, with no vLLM.
+    (tmp_path / "config.json").write_text("{}")  # a model directory, as far as a check sees
     config, _ = write_config(
         tmp_path / "vgate.toml", python="/bin/false", model=str(tmp_path), runtime=tmp_path / "run"
     )
@@ -182,3 +190,60 @@ def test_up_refuses_a_busy_port_at_once(
         reaper.append(proc)
         assert proc.wait(timeout=30) == 1
     assert f"proxy port {proxy_port} is already in use" in log.read_text()
+
+
+def test_up_names_a_missing_engine_venv_or_model_directory_at_once(tmp_path: Path) -> None:
+    config, _ = write_config(
+        tmp_path / "vgate.toml",
+        python=str(tmp_path / ".venv-engine/bin/python"),
+        model=str(tmp_path / "models/tiny"),
+        runtime=tmp_path / "run",
+    )
+    started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "proxy.cli", "up", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert time.monotonic() - started < 10  # before anything starts, not after a load
+    assert f"engines.tiny.python: {tmp_path}/.venv-engine/bin/python does not exist" in done.stderr
+    assert "`make engine-venv`" in done.stderr
+    assert f"engines.tiny.model: {tmp_path}/models/tiny: no such directory" in done.stderr
+
+
+def test_engine_run_refuses_what_is_not_a_model_directory(tmp_path: Path) -> None:
+    for model, problem in (
+        (tmp_path / "empty", "no config.json: not a model directory"),
+        (tmp_path / "file", "not a directory"),
+    ):
+        model.mkdir() if model.name == "empty" else model.write_text("")
+        config, _ = write_config(
+            tmp_path / "vgate.toml", python="/bin/true", model=str(model), runtime=tmp_path
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "engine", "run", "tiny", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+        assert done.returncode == 2, done.stderr
+        assert f"refusing to start: engines.tiny.model: {model}: {problem}" in done.stderr
+
+
+def test_a_dead_engine_s_root_error_is_shown_under_its_last_lines(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from proxy.ops.up import Child, _print_tail
+
+    child = Child(name="engine tiny", argv=[], stop_timeout=1.0)
+    cause = "ValueError: Available memory on node 0 is less than requested memory for kv"
+    for line in ["starting", f"(Worker pid=1) ERROR [x.py:1] {cause}", *["  File ..."] * 40]:
+        child.tail.append(line)
+    child.tail.append("RuntimeError: Engine core initialization failed. See root cause above.")
+    _print_tail(child)
+    err = capsys.readouterr().err
+    assert err.index("--- last lines of engine tiny ---") < err.index("--- the error above them")
+    assert cause in err.split("--- the error above them ---")[1]
