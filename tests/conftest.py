@@ -12,9 +12,9 @@ import pytest
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM
 
-# One real vLLM per session for every directory: a fixture imported into two conftest files
-# would be two fixtures, and two engines on the shared core.
-pytest_plugins = ["tests.vllm_fixtures"]
+# One real vLLM (and one redis-server) per session for every directory: a fixture imported into
+# two conftest files would be two fixtures, and two engines on the shared core.
+pytest_plugins = ["tests.vllm_fixtures", "tests.redis_fixtures"]
 
 
 @pytest.fixture(scope="session")

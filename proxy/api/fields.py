@@ -68,3 +68,14 @@ def output_tokens(body: dict[str, Any], *names: str) -> int | None:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
     return None
+
+
+def fixed_sampling(body: dict[str, Any]) -> bool:
+    """Whether the request fixes its own answer: greedy (`temperature` 0 or `top_k` 1) or a
+    `seed` (vLLM draws a seeded request's sample from its own generator). Without any of them
+    the engine samples, with the model's defaults: the next answer would differ."""
+    temperature = body.get("temperature")
+    if type(temperature) in (int, float) and temperature == 0:
+        return True
+    top_k = body.get("top_k")
+    return (type(top_k) is int and top_k == 1) or type(body.get("seed")) is int

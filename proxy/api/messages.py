@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from proxy.api.events import count, event_data, usage_object
-from proxy.api.fields import bounded_list, model_of, optional_list, stream_of
+from proxy.api.fields import bounded_list, fixed_sampling, model_of, optional_list, stream_of
 from proxy.api.text import content_bytes, utf8_len
 from proxy.api.turns import chat_tool, turns
 from proxy.core.api import Api, Bounds, Conversation, StreamState, Usage
@@ -48,6 +48,7 @@ class Messages(Api):
     name: ClassVar[str] = "messages"
     upstream_path: ClassVar[str] = "/v1/messages"
     errors: ClassVar = "anthropic"
+    stages: ClassVar[tuple[str, ...]] = ("cache",)
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         model = model_of(body)
@@ -67,6 +68,9 @@ class Messages(Api):
 
     def usage(self, content: bytes) -> Usage | None:
         return _usage(usage_object(content))
+
+    def deterministic(self, body: dict[str, Any]) -> bool:
+        return fixed_sampling(body)
 
     def inspect(self, block: bytes, state: StreamState) -> bytes:
         if b"message_start" in block and state.usage is None:

@@ -10,11 +10,11 @@ looked into, and only the events around a usage object are parsed.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
-from proxy.api.fields import is_int
+from proxy.api.fields import fixed_sampling, is_int
 from proxy.core.api import NO_STREAM, Api, StreamState, Usage
 
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
@@ -99,6 +99,8 @@ def take_usage(block: bytes, state: StreamState) -> bytes:
 class OpenAICompletion(Api):
     """Chat completions and completions: `n`, `max_tokens`, usage and `[DONE]` streams."""
 
+    stages: ClassVar[tuple[str, ...]] = ("cache",)
+
     def max_tokens(self, body: dict[str, Any]) -> int | None:
         return _max_tokens(body)
 
@@ -122,6 +124,9 @@ class OpenAICompletion(Api):
 
     def usage(self, content: bytes) -> Usage | None:
         return usage_of(content)
+
+    def deterministic(self, body: dict[str, Any]) -> bool:
+        return fixed_sampling(body)
 
     def inspect(self, block: bytes, state: StreamState) -> bytes:
         if b'"usage"' in block:

@@ -49,6 +49,7 @@ class Pooling(Api):
 
     policies: ClassVar[frozenset[str] | None] = _POLICIES
     generates: ClassVar[bool] = False
+    stages: ClassVar[tuple[str, ...]] = ("cache",)
     prompt_field: ClassVar[str] = "input"
     fields: ClassVar[tuple[str, ...]]
 
@@ -75,6 +76,9 @@ class Pooling(Api):
     def usage(self, content: bytes) -> Usage | None:
         usage = usage_object(content)
         return None if usage is None else Usage(count(usage, "prompt_tokens"), None)
+
+    def deterministic(self, body: dict[str, Any]) -> bool:
+        return True  # nothing is sampled: the same input, the same vectors and scores
 
 
 class Embeddings(Pooling):

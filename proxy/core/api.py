@@ -144,6 +144,11 @@ class Api:
     def peek(self, first: bytes, state: StreamState) -> None:
         """Look at the first chunk of a stream before anything is relayed (to find an id)."""
 
+    def deterministic(self, body: dict[str, Any]) -> bool:
+        """Whether the request's own parameters fix its answer (greedy or seeded sampling, or
+        a route that does not sample): what the response cache keeps and serves by default."""
+        return False
+
     def conversation(self, body: dict[str, Any]) -> Conversation | None:
         """The prompt as a conversation the truncate policy may fit, or None if it cannot."""
         return None

@@ -82,6 +82,8 @@ class Outcome:
     tokenize_calls: int = 0  # truncate: /tokenize calls made
     max_tokens_clamped: int | None = None  # truncate: the lowered max_tokens
     truncate: str | None = None  # truncate: "not_counted" when /tokenize failed
+    # cache: "fallback" (answered from it), "miss" (it had no answer), "stored" (kept)
+    cache: str | None = None
     extra: dict[str, Reported] | None = None  # what `report` was given
 
     def report(self, name: str, value: Reported) -> None:

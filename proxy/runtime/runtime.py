@@ -22,6 +22,7 @@ from proxy.core.box import Box
 from proxy.core.config import Config
 from proxy.core.errors import ModelNotFound
 from proxy.core.pipeline import Handler, KeyInfo, Policy, ProxyRequest, ProxyResponse, chain
+from proxy.runtime import cache as response_cache
 from proxy.runtime.context_fallback import ContextFallback
 from proxy.runtime.response_ids import ResponseIds, ResponseIdStage
 from proxy.runtime.upstreams import build_routes
@@ -82,16 +83,21 @@ class Runtime:
         self.response_ids = ResponseIds(
             self.routes, configured.encode() if configured else self.id_secret
         )
-        # Built-in stages a family declares (`Api.stages`), after the configured policies.
-        stages: dict[str, Policy] = {"response_ids": ResponseIdStage(self.response_ids)}
+        # Answers kept for when no upstream of a chain can serve (`[cache]`); None: off.
+        self.cache = response_cache.build(config.cache) if config.cache.enabled else None
+        self._ids_stage = ResponseIdStage(self.response_ids)
         # Per route family, then model: each family runs the policies that apply to it.
         self.pipelines: dict[str, dict[str, Handler]] = {}
         self.unknown_model: dict[str, Handler] = {}
         for api in apis:
-            extra = [stages[name] for name in api.stages]
             inner: dict[str, Handler] = {
                 name: chain(
-                    [*build_policies(config, name, services, api.policies), *extra], forwarder
+                    [
+                        *self._front(api),
+                        *build_policies(config, name, services, api.policies),
+                        *self._stages(api, name),
+                    ],
+                    forwarder,
                 )
                 for name in config.models
             }
@@ -106,7 +112,7 @@ class Runtime:
             # gets 401, not a 404 that confirms which model names exist. A route read by id
             # has no model until its stage finds it: its pipeline ends at the forwarder.
             self.unknown_model[api.name] = chain(
-                [*build_policies(config, None, services, api.policies), *extra],
+                [*build_policies(config, None, services, api.policies), *self._stages(api, None)],
                 forwarder if api.by_id else _no_model,
             )
         # The auth check for endpoints outside the pipelines (GET /v1/models); None: open.
@@ -114,6 +120,22 @@ class Runtime:
             build_policies(config, None, services, frozenset({"auth"}))
         )
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _front(self, api: Api) -> list[Policy]:
+        """Built-in stages that run before the configured policies."""
+        return [response_cache.CacheHeader()] if self.cache and "cache" in api.stages else []
+
+    def _stages(self, api: Api, model: str | None) -> list[Policy]:
+        """The built-in stages a family declares (`Api.stages`), after the configured
+        policies. The cache needs a model: a request for one that does not exist has none."""
+        stages: list[Policy] = []
+        for name in api.stages:
+            if name == "response_ids":
+                stages.append(self._ids_stage)
+            elif name == "cache" and self.cache is not None and model is not None:
+                own = response_cache.identity(self.config, self.routes[model])
+                stages.append(response_cache.CacheStage(self.cache, own))
+        return stages
 
     def _control(self, tls: Tls | None) -> httpx.AsyncClient:
         if tls is None or tls == Tls():
@@ -152,6 +174,8 @@ class Runtime:
                 await task
         self._tasks = []
         await close_policies(self.services)
+        if self.cache is not None:
+            await self.cache.store.aclose()
         for client in self._tls_clients.values():
             await client.aclose()
         self._tls_clients.clear()

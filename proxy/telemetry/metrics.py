@@ -25,6 +25,7 @@ from typing import Any
 
 from proxy.core.pipeline import Outcome
 from proxy.runtime.runtime import Runtime
+from proxy.telemetry.cache_metrics import CacheMetrics
 from proxy.telemetry.procstats import ProcReader
 from proxy.telemetry.records import Finished
 from proxy.telemetry.registry import Counter, Family, Gauge, Registry
@@ -143,6 +144,7 @@ class ProxyMetrics:
             "Requests refused by the HTTP layer before any handler, by reason.",
             ("reason",),
         )
+        self.cache = CacheMetrics(r)
         r.collector(self._collect)
 
     def refused(self, reason: str) -> None:
@@ -184,6 +186,8 @@ class ProxyMetrics:
             self._record_details(model, details, request.served_by)
         if details.queue_wait is not None:
             self.queue_wait.labels(model).observe(details.queue_wait)
+        if details.cache is not None:
+            self.cache.record(model, details.cache)
 
     def _record_details(self, model: str, details: Outcome, served_by: str | None) -> None:
         if details.retries > 0:
@@ -214,6 +218,7 @@ class ProxyMetrics:
         if rt is None:
             return
         yield from _runtime_gauges(rt)
+        yield from self.cache.collect(rt)
 
 
 def _runtime_gauges(rt: Runtime) -> Iterator[Family[Any]]:

@@ -54,6 +54,9 @@ class Lease:
         self.started = time.monotonic()
 
     def succeeded(self) -> None:
+        # Called when `Sender.send` returns: for a stream at its first chunk (time to first
+        # token), otherwise once the whole answer is read. `started` is taken after the slot
+        # and the breaker admitted the call, so time queued in the proxy is not the upstream's.
         self.upstream.breaker.success(self.probe, time.monotonic() - self.started)
         self.probe = False
 

@@ -2,8 +2,9 @@
 
 A new balancer, breaker, retry policy or fallback order is one module plus one line here. Their
 config: `[resilience.breaker]` and `[resilience.retry]` name theirs with `kind` (the rest of the
-table is that module's settings, bound to its `settings_class` and checked by check-config);
-`[resilience] balancer` and `fallback` name modules that take no settings of their own.
+table is that module's settings, bound to its `settings_class` and checked by check-config,
+with the settings' own `problems()` when it has one); `[resilience] balancer` and `fallback`
+name modules that take no settings of their own.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from proxy.upstream.forward import Modules
 from proxy.upstream.model import ModelRoute
 from proxy.upstream.modules import Balancer, Breaker, BreakerModule, Fallbacks, RetryModule
 from proxy.upstream.retry import BudgetedRetry
+from proxy.upstream.slo_breaker import SlowCallBreaker
 
 
 class OrderedFallbacks:
@@ -35,7 +37,10 @@ class OrderedFallbacks:
 
 
 BALANCERS: dict[str, Callable[[], Balancer]] = {"least_outstanding": LeastOutstanding}
-BREAKERS: dict[str, type[BreakerModule]] = {"consecutive": ConsecutiveBreaker}
+BREAKERS: dict[str, type[BreakerModule]] = {
+    "consecutive": ConsecutiveBreaker,
+    "slow_call": SlowCallBreaker,
+}
 RETRIES: dict[str, type[RetryModule]] = {"budgeted": BudgetedRetry}
 FALLBACKS: dict[str, Callable[[Config], Fallbacks]] = {"ordered": OrderedFallbacks}
 
@@ -51,7 +56,13 @@ def _settings(
     cls = registry[kind]
     data = {k: v for k, v in table.items() if k != "kind"}
     settings = binder.bind(cls.settings_class, data, key)
-    return None if settings is None else (cls, settings)
+    if settings is None:
+        return None
+    # Checks across a module's own keys (`problems()` on its settings, "key: what is wrong").
+    across = getattr(settings, "problems", None)
+    found = across() if callable(across) else []
+    binder.problems += [f"{key}.{p}" for p in found]
+    return None if found else (cls, settings)
 
 
 def problems(config: Config) -> list[str]:

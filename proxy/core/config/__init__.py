@@ -18,6 +18,7 @@ from proxy.core.config.engines import EngineConfig
 from proxy.core.config.sections import (
     AdminConfig,
     BackpressureConfig,
+    CacheConfig,
     LoggingConfig,
     ModelConfig,
     ResilienceConfig,
@@ -30,6 +31,7 @@ __all__ = [
     "ENGINE_PREFIX",
     "AdminConfig",
     "BackpressureConfig",
+    "CacheConfig",
     "Config",
     "ConfigError",
     "EngineConfig",
@@ -59,6 +61,7 @@ class Config:
     admin: AdminConfig = field(default_factory=AdminConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     resilience: ResilienceConfig = field(default_factory=ResilienceConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
     source: str = "<memory>"
 
 
@@ -84,6 +87,7 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> tuple[Config | None
         _check_admin(cfg, binder)
         _check_server(cfg, binder)
         _check_fallbacks(cfg, binder)
+        _check_cache(cfg, binder)
     return cfg, binder.problems
 
 
@@ -132,6 +136,16 @@ def _check_server(cfg: Config, binder: Binder) -> None:
         binder.problem(
             "server.max_connections_per_client",
             f"{per_client} is more than server.max_concurrency ({total}): it would never apply",
+        )
+
+
+def _check_cache(cfg: Config, binder: Binder) -> None:
+    cache = cfg.cache
+    if cache.max_entry_bytes > cache.max_bytes:
+        binder.problem(
+            "cache.max_entry_bytes",
+            f"{cache.max_entry_bytes} is more than cache.max_bytes ({cache.max_bytes}): "
+            "no answer that size could be kept",
         )
 
 

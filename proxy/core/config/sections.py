@@ -140,6 +140,31 @@ class ResilienceConfig:
     max_fallback_depth: int = check(non_negative, 3)
 
 
+def _storage_url(v: str) -> str | None:
+    """`memory`, or a Redis URL (what the rate limiter and the response cache accept)."""
+    if v == "memory" or v.startswith(("redis://", "rediss://", "unix://")):
+        return None
+    return "must be 'memory' or a redis:// (rediss://, unix://) URL"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CacheConfig:
+    """`[cache]`: answers kept to serve when every upstream of a model's chain has failed."""
+
+    enabled: bool = False
+    storage: str = check(_storage_url, "memory")
+    max_entries: int = check(positive, 10_000)
+    max_bytes: int = check(positive, 64 * 1024 * 1024)  # of all answers kept
+    max_entry_bytes: int = check(positive, 1024 * 1024)  # a larger answer is not kept
+    ttl: float = check(positive, 3600.0)  # seconds an answer may be served after it was made
+    # False: an answer is served only to the API key it was made for (tenants stay apart).
+    shared_across_keys: bool = False
+    # False: any request may be kept and served, not only those fixed by their parameters.
+    deterministic_only: bool = True
+    key_prefix: str = check(non_empty, "vgate:cache")  # Redis key namespace
+    storage_timeout: float = check(positive, 0.25)  # seconds for one Redis round trip
+
+
 @dataclass(frozen=True, kw_only=True)
 class UpstreamEntry:
     """One upstream written as a table: its URL (or engine:NAME) and how to reach it."""
