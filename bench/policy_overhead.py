@@ -22,6 +22,7 @@ from policies import build_policies
 from policies.auth import new_key
 from policies.services import Services
 from proxy.api.chat import ChatCompletions
+from proxy.core.api import Usage
 from proxy.core.pipeline import ProxyRequest, ProxyResponse, chain
 from proxy.runtime import load as config_module
 from proxy.upstream.breaker import ConsecutiveBreaker
@@ -33,7 +34,7 @@ BODY = {"model": "tiny", "messages": [{"role": "user", "content": "Say hello"}],
 
 
 async def null(request: ProxyRequest) -> ProxyResponse:
-    request.usage = {"prompt_tokens": 9, "completion_tokens": 16, "total_tokens": 25}
+    request.usage = Usage(9, 16)
     return ProxyResponse(200, "application/json", b"{}")
 
 

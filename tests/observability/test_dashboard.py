@@ -11,6 +11,7 @@ import orjson
 from tests.fakes.harness import ProxyServer, proxy_config
 from tests.fakes.vllm import FakeVLLM
 from tests.observability.helpers import admin_url, exposed
+from tests.observability.test_alerts import SUPERVISOR_SERIES
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "systemd" / "grafana-dashboard.json"
 _METRIC = re.compile(r"\b(?:vgate|process)_[a-z_]+")
@@ -32,6 +33,7 @@ def _exposed(fake: FakeVLLM) -> tuple[set[str], dict[str, set[str]]]:
 def test_dashboard_queries_exposed_metrics(fake: FakeVLLM) -> None:
     dashboard = orjson.loads(DASHBOARD.read_bytes())
     names, labels = _exposed(fake)
+    names |= set(SUPERVISOR_SERIES)  # a box of workers' (tests/proxy/test_workers.py)
     exprs = [
         (t["expr"], t.get("legendFormat", ""))
         for p in dashboard["panels"]
