@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from proxy.core.config import Config
+from proxy.core.pipeline import ProxyRequest
 from proxy.upstream.model import ModelRoute
 
 
@@ -18,3 +20,6 @@ class Services:
     routes: dict[str, ModelRoute]
     # Resources every model's policies share (one rate-limit storage), closed by the runtime.
     shared: dict[str, Any] = field(default_factory=dict)
+    # The models holding the stored response a request continues (`previous_response_id`),
+    # None when it continues none or names one this caller was not given (its 404 comes later).
+    held_by: Callable[[ProxyRequest], list[str] | None] | None = None

@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal, NamedTuple
 # How errors look on the route: OpenAI's body, with chunk or typed stream events, or Anthropic's
 # (proxy.http.writer renders each).
 ErrorShape = Literal["openai", "responses", "anthropic"]
+# What a request may bind its output to (`Api.constraints`).
+Constraint = Literal["tools", "json"]
 
 
 class Usage(NamedTuple):
@@ -147,6 +149,11 @@ class Api:
     def conversation(self, body: dict[str, Any]) -> Conversation | None:
         """The prompt as a conversation the truncate policy may fit, or None if it cannot."""
         return None
+
+    def constraints(self, body: dict[str, Any]) -> tuple[Constraint, ...]:
+        """What the request binds the output's form to: tool definitions ("tools"), a JSON
+        format ("json"). Quantized weights get these wrong first (policies.route)."""
+        return ()
 
     def single_prompt(self, body: dict[str, Any]) -> str | list[int] | None:
         """A prompt that is one text or one list of token ids (a completion's), else None."""

@@ -82,6 +82,8 @@ class Outcome:
     tokenize_calls: int = 0  # truncate: /tokenize calls made
     max_tokens_clamped: int | None = None  # truncate: the lowered max_tokens
     truncate: str | None = None  # truncate: "not_counted" when /tokenize failed
+    routed: str | None = None  # route: why it left the model asked for ("tools", "header", ...)
+    routed_to: str | None = None  # route: the model it went to instead
     extra: dict[str, Reported] | None = None  # what `report` was given
 
     def report(self, name: str, value: Reported) -> None:

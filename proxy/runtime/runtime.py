@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from starlette.datastructures import Headers
 
-from policies import authenticator, build_policies, close_policies
+from policies import authenticator, build_policies, close_policies, split_at_route
 from policies.services import Services
 from proxy.core.api import Api, Bounds
 from proxy.core.config import Config
@@ -57,7 +57,15 @@ class Runtime:
         self.routes, self.monitors = build_routes(
             config, self._control, registry.breaker_factory(config)
         )
-        self.services = services = Services(config, client, self.routes)
+        # The secret response ids are signed with: the config's, else the process's (passed
+        # on to the runtime a reload builds, so ids outlive reloads).
+        self.id_secret = id_secret or secrets.token_bytes(32)
+        configured = config.server.response_id_secret
+        secret = configured.encode() if configured else self.id_secret
+        self.response_ids = ResponseIds(self.routes, secret)
+        self.services = services = Services(
+            config, client, self.routes, held_by=self.response_ids.held_by
+        )
         modules = registry.build(config, self.routes)
         forwarder = Forwarder(
             upstream_client,
@@ -71,13 +79,6 @@ class Runtime:
         )
         self.forwarder = forwarder
         chains = {name: [r.name for r in modules.chains[name]] for name in config.models}
-        # The secret response ids are signed with: the config's, else the process's (passed
-        # on to the runtime a reload builds, so ids outlive reloads).
-        self.id_secret = id_secret or secrets.token_bytes(32)
-        configured = config.server.response_id_secret
-        self.response_ids = ResponseIds(
-            self.routes, configured.encode() if configured else self.id_secret
-        )
         # Built-in stages a family declares (`Api.stages`), after the configured policies.
         stages: dict[str, Policy] = {"response_ids": ResponseIdStage(self.response_ids)}
         # Per route family, then model: each family runs the policies that apply to it.
@@ -85,12 +86,7 @@ class Runtime:
         self.unknown_model: dict[str, Handler] = {}
         for api in apis:
             extra = [stages[name] for name in api.stages]
-            inner: dict[str, Handler] = {
-                name: chain(
-                    [*build_policies(config, name, services, api.policies), *extra], forwarder
-                )
-                for name in config.models
-            }
+            inner = _pipelines(config, services, api, extra, forwarder)
             # A prompt too long for its model is re-run through a longer fallback's pipeline.
             self.pipelines[api.name] = {
                 name: ContextFallback(name, chains[name][1:], inner, self.routes)
@@ -187,6 +183,31 @@ class Runtime:
             }
             for name, route in self.routes.items()
         }
+
+
+def _pipelines(
+    config: Config, services: Services, api: Api, extra: list[Policy], forwarder: Handler
+) -> dict[str, Handler]:
+    """Each model's pipeline for family `api`. With the route policy, a pipeline is cut after
+    it: the policies before it run for the model asked for, the rest (and the forwarder) for
+    the model in `request.model` when they run, the one `route` chose."""
+    tails: dict[str, Handler] = {}
+    heads: dict[str, list[Policy]] = {}
+    for name in config.models:
+        own = build_policies(config, name, services, api.policies)
+        split = split_at_route(own)
+        if split is None:
+            tails[name] = chain([*own, *extra], forwarder)
+        else:
+            heads[name] = split[0]
+            tails[name] = chain([*split[1], *extra], forwarder)
+    if not heads:
+        return tails
+
+    async def dispatch(request: ProxyRequest) -> ProxyResponse:
+        return await tails[request.model](request)
+
+    return {name: chain(heads[name], dispatch) if name in heads else tails[name] for name in tails}
 
 
 def _health(upstream: Upstream) -> str:
