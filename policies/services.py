@@ -20,6 +20,9 @@ class Services:
     routes: dict[str, ModelRoute]
     # Resources every model's policies share (one rate-limit storage), closed by the runtime.
     shared: dict[str, Any] = field(default_factory=dict)
+    # The server's secret (`[server] response_id_secret`, else the process's own): a policy
+    # derives a key of its own from it (HMAC with a label), never uses it as it is.
+    secret: bytes = b""
     # The models holding the stored response a request continues (`previous_response_id`),
     # None when it continues none or names one this caller was not given (its 404 comes later).
     held_by: Callable[[ProxyRequest], list[str] | None] | None = None

@@ -48,6 +48,8 @@ class Messages(Api):
     name: ClassVar[str] = "messages"
     upstream_path: ClassVar[str] = "/v1/messages"
     errors: ClassVar = "anthropic"
+    # vLLM's Messages request has `cache_salt` but no `priority` (0.32): it would be dropped.
+    cache_salt: ClassVar[bool] = True
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         model = model_of(body)

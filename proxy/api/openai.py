@@ -10,7 +10,7 @@ looked into, and only the events around a usage object are parsed.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import orjson
 
@@ -98,6 +98,9 @@ def take_usage(block: bytes, state: StreamState) -> bytes:
 
 class OpenAICompletion(Api):
     """Chat completions and completions: `n`, `max_tokens`, usage and `[DONE]` streams."""
+
+    cache_salt: ClassVar[bool] = True
+    priority: ClassVar[bool] = True
 
     def constraints(self, body: dict[str, Any]) -> tuple[Constraint, ...]:
         return constraints(

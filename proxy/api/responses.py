@@ -60,6 +60,8 @@ class Responses(Api):
     errors: ClassVar = "responses"
     stages: ClassVar[tuple[str, ...]] = ("response_ids",)
     prompt_field: ClassVar[str] = "input"
+    cache_salt: ClassVar[bool] = True
+    priority: ClassVar[bool] = True
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         model = model_of(body)

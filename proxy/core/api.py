@@ -110,6 +110,12 @@ class Api:
     by_id: ClassVar[bool] = False
     # The body field holding the prompt (what a context-length error names).
     prompt_field: ClassVar[str] = "messages"
+    # Request fields vgate sets for the engine, where the engine's route accepts them (vLLM
+    # 0.32): `cache_salt` (a tenant's own prefix cache, policies.auth) and `priority` (the key's,
+    # on engines scheduling by priority, proxy.upstream.attempt). Off unless a family says so:
+    # a field the engine does not know is at best ignored.
+    cache_salt: ClassVar[bool] = False
+    priority: ClassVar[bool] = False
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         """Check what the proxy relies on and every bound; returns (model, stream).

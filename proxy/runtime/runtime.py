@@ -57,14 +57,14 @@ class Runtime:
         self.routes, self.monitors = build_routes(
             config, self._control, registry.breaker_factory(config)
         )
-        # The secret response ids are signed with: the config's, else the process's (passed
-        # on to the runtime a reload builds, so ids outlive reloads).
+        # The server's secret: the config's, else the process's (passed on to the runtime a
+        # reload builds, so response ids and cache salts outlive reloads).
         self.id_secret = id_secret or secrets.token_bytes(32)
         configured = config.server.response_id_secret
         secret = configured.encode() if configured else self.id_secret
         self.response_ids = ResponseIds(self.routes, secret)
         self.services = services = Services(
-            config, client, self.routes, held_by=self.response_ids.held_by
+            config, client, self.routes, secret=secret, held_by=self.response_ids.held_by
         )
         modules = registry.build(config, self.routes)
         forwarder = Forwarder(
