@@ -17,6 +17,7 @@ from starlette.datastructures import Headers
 
 from policies.auth import AuthPolicy
 from policies.ratelimit import RateLimitPolicy
+from policies.route import RoutePolicy
 from policies.services import Services
 from policies.truncate import TruncatePolicy
 from proxy.core.binder import Binder, ConfigError
@@ -44,6 +45,7 @@ class PolicyClass(Protocol):
 REGISTRY: dict[str, type[PolicyClass]] = {
     "auth": AuthPolicy,
     "ratelimit": RateLimitPolicy,
+    "route": RoutePolicy,
     "truncate": TruncatePolicy,
 }
 
@@ -87,6 +89,15 @@ def build_policies(
     return policies
 
 
+def split_at_route(policies: list[Policy]) -> tuple[list[Policy], list[Policy]] | None:
+    """(up to and with `route`, the rest) of a pipeline, or None without `route`: the rest
+    is run as the model's that `route` chose (proxy.runtime.runtime)."""
+    for i, policy in enumerate(policies):
+        if isinstance(policy, RoutePolicy):
+            return policies[: i + 1], policies[i + 1 :]
+    return None
+
+
 def authenticator(policies: list[Policy]) -> Callable[[Headers], KeyInfo] | None:
     """The auth check of a pipeline, for endpoints outside it (`GET /v1/models`)."""
     for policy in policies:
@@ -120,6 +131,16 @@ def validate(config: Config) -> list[str]:
     _check_names(binder, "policies.order", order, set(), known)
     for model, mc in config.models.items():
         _check_names(binder, f"models.{model}.policies", mc.policies, set(order), known)
+        if "route" in mc.policies and "route" not in order:
+            binder.problem(
+                f"models.{model}.policies",
+                "'route' goes in [policies] order: the policies after it run for the model "
+                "it picks, so every model must have it at the same place",
+            )
+    if "route" in order and "auth" in order and order.index("auth") > order.index("route"):
+        binder.problem(
+            "policies.order", "'route' must come after 'auth' (it routes only where the key may go)"
+        )
     used = set(order).union(*(mc.policies for mc in config.models.values()))
     for name, cls in REGISTRY.items():
         if name in raw or name in used:

@@ -9,7 +9,9 @@ digest with a per-process random SipHash key before it compares anything, which 
 that. It is O(1) whatever the number of keys, unlike `hmac.compare_digest` over every key.
 
 The key itself is never logged, never put in an error body or a metric label: errors say only
-that the key is missing or wrong, and `request.key` carries the configured name.
+that the key is missing or wrong, and `request.key` carries the configured name. With
+`isolate_prefix_cache` (the default) every request also gets the key's own `cache_salt`
+(policies.salt), on the routes whose engine accepts one (`Api.cache_salt`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import Any, ClassVar
 from starlette.datastructures import Headers
 
 from policies.quotas import Limits
+from policies.salt import cache_salt, client_salt, salt_key
 from policies.services import Services
 from proxy.core.binder import check
 from proxy.core.config import Config
@@ -47,18 +50,26 @@ def _digest_ok(v: str) -> str | None:
     return "must be a SHA-256 digest: 64 lowercase hex characters (`vgate keys new NAME`)"
 
 
+def _priority_ok(v: int) -> str | None:
+    # Negated for vLLM, whose field is a signed 64-bit integer.
+    return None if -(2**63) < v < 2**63 else "must be a 64-bit integer"
+
+
 @dataclass(frozen=True, kw_only=True)
 class KeyEntry:
     name: str = check(_name_ok)
     sha256: str = check(_digest_ok)
     models: list[str] | None = None  # None: every model
-    priority: int = 0
+    # Higher first (the wait queue; the engine gets it as vLLM's `priority`, negated).
+    priority: int = check(_priority_ok, 0)
     limits: Limits | None = None  # replaces `[policies.ratelimit] per_key` for this key
 
 
 @dataclass(frozen=True, kw_only=True)
 class AuthSettings:
     keys: list[KeyEntry] = field(default_factory=list)
+    # Each key its own prefix cache in the engines (policies.salt).
+    isolate_prefix_cache: bool = True
 
 
 def new_key() -> tuple[str, str]:
@@ -84,6 +95,14 @@ class AuthPolicy:
             )
             for k in settings.keys
         }
+        self._salt = salt_key(services.secret) if settings.isolate_prefix_cache else None
+        # Most requests send no salt of their own: theirs is the key's, made once (an HMAC
+        # per request was most of this policy's cost).
+        self._salts = (
+            {k.name: cache_salt(self._salt, k.name, None) for k in settings.keys}
+            if self._salt is not None
+            else {}
+        )
 
     @classmethod
     def problems(cls, settings: AuthSettings, config: Config) -> list[str]:
@@ -140,6 +159,12 @@ class AuthPolicy:
             raise ModelNotFound(
                 f"The model `{request.model}` does not exist or you do not have access to it.",
                 param="model",
+            )
+        if self._salt is not None and request.api.cache_salt:
+            body = request.body
+            own = client_salt(body)
+            body["cache_salt"] = (
+                self._salts[key.name] if own is None else cache_salt(self._salt, key.name, own)
             )
         request.key = key
         return await call_next(request)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from proxy.core.api import Constraint
 from proxy.core.errors import InvalidRequest
 
 
@@ -79,3 +80,21 @@ def fixed_sampling(body: dict[str, Any]) -> bool:
         return True
     top_k = body.get("top_k")
     return (type(top_k) is int and top_k == 1) or type(body.get("seed")) is int
+
+
+_JSON_TYPES = ("json_schema", "json_object")
+
+
+def constraints(tools: Any, *formats: Any, structured: Any = None) -> tuple[Constraint, ...]:
+    """`Api.constraints` from a family's fields: its tool list, its response format objects
+    (`{"type": "json_schema" | "json_object", ...}`), and vLLM's `structured_outputs` (JSON
+    when it holds `json` or `json_object`)."""
+    found: list[Constraint] = []
+    if isinstance(tools, list) and tools:
+        found.append("tools")
+    json = any(isinstance(f, dict) and f.get("type") in _JSON_TYPES for f in formats)
+    if not json and isinstance(structured, dict):
+        json = structured.get("json") is not None or bool(structured.get("json_object"))
+    if json:
+        found.append("json")
+    return tuple(found)

@@ -12,10 +12,17 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from proxy.api.events import count, event_data, usage_object
-from proxy.api.fields import bounded_list, fixed_sampling, model_of, optional_list, stream_of
+from proxy.api.fields import (
+    bounded_list,
+    constraints,
+    fixed_sampling,
+    model_of,
+    optional_list,
+    stream_of,
+)
 from proxy.api.text import content_bytes, utf8_len
 from proxy.api.turns import chat_tool, turns
-from proxy.core.api import Api, Bounds, Conversation, StreamState, Usage
+from proxy.core.api import Api, Bounds, Constraint, Conversation, StreamState, Usage
 from proxy.core.errors import InvalidRequest
 
 
@@ -49,6 +56,8 @@ class Messages(Api):
     upstream_path: ClassVar[str] = "/v1/messages"
     errors: ClassVar = "anthropic"
     stages: ClassVar[tuple[str, ...]] = ("cache",)
+    # vLLM's Messages request has `cache_salt` but no `priority` (0.32): it would be dropped.
+    cache_salt: ClassVar[bool] = True
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         model = model_of(body)
@@ -91,6 +100,12 @@ class Messages(Api):
 
     def conversation(self, body: dict[str, Any]) -> Conversation | None:
         return _MessagesConversation.of(body)
+
+    def constraints(self, body: dict[str, Any]) -> tuple[Constraint, ...]:
+        # Structured outputs: `output_config.format` (GA), `output_format` (the beta's name).
+        config = body.get("output_config")
+        fmt = config.get("format") if isinstance(config, dict) else None
+        return constraints(body.get("tools"), fmt, body.get("output_format"))
 
 
 class CountTokens(Api):

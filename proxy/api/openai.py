@@ -14,8 +14,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from proxy.api.fields import fixed_sampling, is_int
-from proxy.core.api import NO_STREAM, Api, StreamState, Usage
+from proxy.api.fields import constraints, fixed_sampling, is_int
+from proxy.core.api import NO_STREAM, Api, Constraint, StreamState, Usage
 
 _BOUNDARIES = (b"\n\n", b"\r\n\r\n", b"\r\r")
 # A usage *object* (not `"usage": null`): found by one C-level scan per block.
@@ -100,6 +100,15 @@ class OpenAICompletion(Api):
     """Chat completions and completions: `n`, `max_tokens`, usage and `[DONE]` streams."""
 
     stages: ClassVar[tuple[str, ...]] = ("cache",)
+    cache_salt: ClassVar[bool] = True
+    priority: ClassVar[bool] = True
+
+    def constraints(self, body: dict[str, Any]) -> tuple[Constraint, ...]:
+        return constraints(
+            body.get("tools"),
+            body.get("response_format"),
+            structured=body.get("structured_outputs"),
+        )
 
     def max_tokens(self, body: dict[str, Any]) -> int | None:
         return _max_tokens(body)

@@ -50,6 +50,9 @@ class Pooling(Api):
     policies: ClassVar[frozenset[str] | None] = _POLICIES
     generates: ClassVar[bool] = False
     stages: ClassVar[tuple[str, ...]] = ("cache",)
+    # vLLM 0.32's pooling requests take both (an embedding model may cache prefixes too).
+    cache_salt: ClassVar[bool] = True
+    priority: ClassVar[bool] = True
     prompt_field: ClassVar[str] = "input"
     fields: ClassVar[tuple[str, ...]]
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from proxy.api.events import count, event_data, usage_object
 from proxy.api.fields import (
     bounded_list,
+    constraints,
     model_of,
     optional_list,
     positive_int,
@@ -22,7 +23,7 @@ from proxy.api.fields import (
 )
 from proxy.api.text import content_bytes, utf8_len
 from proxy.api.turns import chat_tool, turns
-from proxy.core.api import Api, Bounds, Conversation, StreamState, Usage
+from proxy.core.api import Api, Bounds, Constraint, Conversation, StreamState, Usage
 from proxy.core.errors import InvalidRequest
 
 _TERMINAL = (b"response.completed", b"response.failed", b"response.incomplete")
@@ -59,6 +60,8 @@ class Responses(Api):
     errors: ClassVar = "responses"
     stages: ClassVar[tuple[str, ...]] = ("response_ids",)
     prompt_field: ClassVar[str] = "input"
+    cache_salt: ClassVar[bool] = True
+    priority: ClassVar[bool] = True
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         model = model_of(body)
@@ -116,6 +119,11 @@ class Responses(Api):
 
     def conversation(self, body: dict[str, Any]) -> Conversation | None:
         return _ResponsesConversation.of(body)
+
+    def constraints(self, body: dict[str, Any]) -> tuple[Constraint, ...]:
+        text = body.get("text")
+        fmt = text.get("format") if isinstance(text, dict) else None
+        return constraints(body.get("tools"), fmt, structured=body.get("structured_outputs"))
 
 
 def _text_parts(content: Any) -> Any:

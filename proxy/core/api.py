@@ -15,6 +15,8 @@ from typing import Any, ClassVar, Literal, NamedTuple
 # How errors look on the route: OpenAI's body, with chunk or typed stream events, or Anthropic's
 # (proxy.http.writer renders each).
 ErrorShape = Literal["openai", "responses", "anthropic"]
+# What a request may bind its output to (`Api.constraints`).
+Constraint = Literal["tools", "json"]
 
 
 class Usage(NamedTuple):
@@ -108,6 +110,12 @@ class Api:
     by_id: ClassVar[bool] = False
     # The body field holding the prompt (what a context-length error names).
     prompt_field: ClassVar[str] = "messages"
+    # Request fields vgate sets for the engine, where the engine's route accepts them (vLLM
+    # 0.32): `cache_salt` (a tenant's own prefix cache, policies.auth) and `priority` (the key's,
+    # on engines scheduling by priority, proxy.upstream.attempt). Off unless a family says so:
+    # a field the engine does not know is at best ignored.
+    cache_salt: ClassVar[bool] = False
+    priority: ClassVar[bool] = False
 
     def read(self, body: dict[str, Any], bounds: Bounds) -> tuple[str, bool]:
         """Check what the proxy relies on and every bound; returns (model, stream).
@@ -152,6 +160,11 @@ class Api:
     def conversation(self, body: dict[str, Any]) -> Conversation | None:
         """The prompt as a conversation the truncate policy may fit, or None if it cannot."""
         return None
+
+    def constraints(self, body: dict[str, Any]) -> tuple[Constraint, ...]:
+        """What the request binds the output's form to: tool definitions ("tools"), a JSON
+        format ("json"). Quantized weights get these wrong first (policies.route)."""
+        return ()
 
     def single_prompt(self, body: dict[str, Any]) -> str | list[int] | None:
         """A prompt that is one text or one list of token ids (a completion's), else None."""

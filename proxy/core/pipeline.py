@@ -84,6 +84,8 @@ class Outcome:
     truncate: str | None = None  # truncate: "not_counted" when /tokenize failed
     # cache: "fallback" (answered from it), "miss" (it had no answer), "stored" (kept)
     cache: str | None = None
+    routed: str | None = None  # route: why it left the model asked for ("tools", "header", ...)
+    routed_to: str | None = None  # route: the model it went to instead
     extra: dict[str, Reported] | None = None  # what `report` was given
 
     def report(self, name: str, value: Reported) -> None:

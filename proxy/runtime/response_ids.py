@@ -67,6 +67,18 @@ class ResponseIds:
             return None
         return orig, label, models
 
+    def held_by(self, request: ProxyRequest) -> list[str] | None:
+        """The models whose upstream holds the response `request` continues; None when it
+        continues none, or names one its caller was not given (the stage refuses it later)."""
+        api = request.api
+        if api.by_id or "response_ids" not in api.stages:
+            return None
+        previous = request.body.get("previous_response_id")
+        if not isinstance(previous, str):
+            return None
+        found = self.decode(previous, request.key.name if request.key is not None else "")
+        return found[2] if found is not None else None
+
 
 def _not_found(client_id: str, param: str) -> NotFound:
     return NotFound(

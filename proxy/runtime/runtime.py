@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 from starlette.datastructures import Headers
 
-from policies import authenticator, build_policies, close_policies
+from policies import authenticator, build_policies, close_policies, split_at_route
 from policies.services import Services
 from proxy.core.api import Api, Bounds
 from proxy.core.box import Box
@@ -61,7 +61,21 @@ class Runtime:
             config, self._control, registry.breaker_factory(config)
         )
         self.box = box
-        self.services = services = Services(config, client, self.routes, box=box)
+        # The server's secret: the config's, else the box's (every worker reads every id),
+        # else the process's (passed on to the runtime a reload builds, so response ids and
+        # cache salts outlive reloads).
+        self.id_secret = id_secret or (box.secret if box else b"") or secrets.token_bytes(32)
+        configured = config.server.response_id_secret
+        secret = configured.encode() if configured else self.id_secret
+        self.response_ids = ResponseIds(self.routes, secret)
+        self.services = services = Services(
+            config,
+            client,
+            self.routes,
+            secret=secret,
+            held_by=self.response_ids.held_by,
+            box=box,
+        )
         modules = registry.build(config, self.routes)
         forwarder = Forwarder(
             upstream_client,
@@ -75,14 +89,6 @@ class Runtime:
         )
         self.forwarder = forwarder
         chains = {name: [r.name for r in modules.chains[name]] for name in config.models}
-        # The secret response ids are signed with: the config's, else the box's (every worker
-        # reads every id), else the process's (passed
-        # on to the runtime a reload builds, so ids outlive reloads).
-        self.id_secret = id_secret or (box.secret if box else b"") or secrets.token_bytes(32)
-        configured = config.server.response_id_secret
-        self.response_ids = ResponseIds(
-            self.routes, configured.encode() if configured else self.id_secret
-        )
         # Answers kept for when no upstream of a chain can serve (`[cache]`); None: off.
         self.cache = response_cache.build(config.cache) if config.cache.enabled else None
         self._ids_stage = ResponseIdStage(self.response_ids)
@@ -90,17 +96,7 @@ class Runtime:
         self.pipelines: dict[str, dict[str, Handler]] = {}
         self.unknown_model: dict[str, Handler] = {}
         for api in apis:
-            inner: dict[str, Handler] = {
-                name: chain(
-                    [
-                        *self._front(api),
-                        *build_policies(config, name, services, api.policies),
-                        *self._stages(api, name),
-                    ],
-                    forwarder,
-                )
-                for name in config.models
-            }
+            inner = self._pipelines(api, forwarder)
             # A prompt too long for its model is re-run through a longer fallback's pipeline.
             self.pipelines[api.name] = {
                 name: ContextFallback(name, chains[name][1:], inner, self.routes)
@@ -120,6 +116,28 @@ class Runtime:
             build_policies(config, None, services, frozenset({"auth"}))
         )
         self._tasks: list[asyncio.Task[None]] = []
+
+    def _pipelines(self, api: Api, forwarder: Handler) -> dict[str, Handler]:
+        """Each model's pipeline for family `api`. With the route policy, a pipeline is cut
+        after it: the policies before it run for the model asked for, the rest (and the
+        forwarder) for the model in `request.model` when they run, the one `route` chose."""
+        tails: dict[str, Handler] = {}
+        heads: dict[str, list[Policy]] = {}
+        for name in self.config.models:
+            own = build_policies(self.config, name, self.services, api.policies)
+            split = split_at_route(own)
+            if split is None:
+                tails[name] = chain([*self._front(api), *own, *self._stages(api, name)], forwarder)
+            else:
+                heads[name] = [*self._front(api), *split[0]]
+                tails[name] = chain([*split[1], *self._stages(api, name)], forwarder)
+        if not heads:
+            return tails
+
+        async def dispatch(request: ProxyRequest) -> ProxyResponse:
+            return await tails[request.model](request)
+
+        return {n: chain(heads[n], dispatch) if n in heads else tails[n] for n in tails}
 
     def _front(self, api: Api) -> list[Policy]:
         """Built-in stages that run before the configured policies."""

@@ -71,6 +71,7 @@ def build_routes(
                     breaker(entry.url),
                     api_key=api_key,
                     tls=tls,
+                    priority_scheduling=_scheduling(config, entry) == "priority",
                 )
             )
         routes[name] = route
@@ -97,6 +98,11 @@ def _warmup(config: Config, entry: UpstreamEntry) -> Warmup | None:
     # Engines vgate launches are warmed up; a URL upstream is someone else's to warm.
     engine = _engine(config, entry)
     return launch.warmup_of(config.engines[engine]) if engine else None
+
+
+def _scheduling(config: Config, entry: UpstreamEntry) -> str | None:
+    engine = _engine(config, entry)
+    return config.engines[engine].scheduling_policy if engine else entry.scheduling_policy
 
 
 def _api_key(config: Config, entry: UpstreamEntry) -> str | None:

@@ -115,6 +115,11 @@ class ProxyMetrics:
             "Requests served by a fallback, by trigger and the upstream that served.",
             ("model", "reason", "upstream"),
         )
+        self.routed = r.counter(
+            "vgate_routed_total",
+            "Requests the route policy moved: the model asked for, the one it went to, why.",
+            ("model", "target", "reason"),
+        )
         self.truncations = r.counter(
             "vgate_truncations_total", "Requests whose prompt was truncated to fit.", ("model",)
         )
@@ -188,6 +193,10 @@ class ProxyMetrics:
             self.queue_wait.labels(model).observe(details.queue_wait)
         if details.cache is not None:
             self.cache.record(model, details.cache)
+        if details.routed is not None:
+            # The target is a configured model: the route policy only picks those.
+            target = details.routed_to or "unknown"
+            self.routed.labels(model, target, reason_label(details.routed)).inc()
 
     def _record_details(self, model: str, details: Outcome, served_by: str | None) -> None:
         if details.retries > 0:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import orjson
 
@@ -75,6 +76,17 @@ class Lease:
             self.route.admission.release(self.upstream)
 
 
+def _priority(body: dict[str, Any], priority: int | None, upstream: Upstream) -> None:
+    """A key's priority is the only one its requests carry (a client's own would jump the
+    engine's queue), and only to an engine scheduling by it on a route that takes the field
+    (`priority` None otherwise): vLLM runs lower values first and vgate's keys higher first,
+    hence the sign. Per attempt: a retry may reach another engine."""
+    if priority is not None and upstream.priority_scheduling:
+        body["priority"] = -priority
+    else:
+        body.pop("priority", None)
+
+
 class Sender:
     """Sends one request to one upstream with only the headers we choose; relays only bodies
     it can read (an encoded one is decoded or refused: proxy.upstream.encoding)."""
@@ -112,6 +124,8 @@ class Sender:
         else:
             body = request.body
             body["model"] = upstream.served_name
+            if request.key is not None:
+                _priority(body, request.key.priority if api.priority else None, upstream)
             try:
                 content = orjson.dumps(body)
             except TypeError:

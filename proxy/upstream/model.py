@@ -28,6 +28,7 @@ class Upstream:
         *,
         api_key: str | None = None,
         tls: Tls | None = None,
+        priority_scheduling: bool = False,
     ) -> None:
         self.label = label  # as configured ("engine:tiny" or the URL): safe for headers, logs
         self.label_bytes = label.encode()
@@ -38,6 +39,9 @@ class Upstream:
         self.api_key = api_key
         self.auth = f"Bearer {api_key}" if api_key else None
         self.tls = tls
+        # The engine schedules by `priority` (vLLM's `--scheduling-policy priority`): requests
+        # of a key carry its priority (proxy.upstream.attempt).
+        self.priority_scheduling = priority_scheduling
         self.breaker = breaker
         self.admission: Admission[Upstream] | None = (
             None  # the model's waiting room (ModelRoute.add)

@@ -31,11 +31,12 @@ def make_services(
     policies: dict[str, Any],
     upstream_url: str,
     max_model_len: int | None,
+    others: tuple[str, ...] = (),
 ) -> Services:
-    """Services for building policies directly: one model `tiny` on `upstream_url`."""
-    cfg = config_module.from_dict(
-        {"models": {"tiny": {"upstreams": [upstream_url]}}, "policies": policies}, "<test>"
-    )
+    """Services for building policies directly: one model `tiny` on `upstream_url` (and
+    `others` configured on it too, for policies that name a second model)."""
+    models = {name: {"upstreams": [upstream_url]} for name in ("tiny", *others)}
+    cfg = config_module.from_dict({"models": models, "policies": policies}, "<test>")
     monitor = EngineMonitor(client, upstream_url, "tiny")
     monitor.max_model_len = max_model_len
     route = ModelRoute("tiny")

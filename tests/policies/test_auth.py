@@ -127,7 +127,10 @@ def test_control_characters_never_get_500(
 
 def test_every_byte_value_in_a_key_is_refused_cleanly(api_key: tuple[str, str]) -> None:
     # What the HTTP parser lets through or not, the policy itself must never fail on any byte.
-    policy = AuthPolicy(AuthSettings(keys=[KeyEntry(name="a", sha256=api_key[1])]), None, None)  # type: ignore[arg-type]
+    settings = AuthSettings(
+        keys=[KeyEntry(name="a", sha256=api_key[1])], isolate_prefix_cache=False
+    )
+    policy = AuthPolicy(settings, None, None)  # type: ignore[arg-type]
     for value in [bytes([b]) * 3 for b in range(256)] + [b"\xff" * 8192, b"\r\n", b""]:
         headers = Headers(raw=[(b"authorization", b"Bearer " + value)])
         with pytest.raises(AuthenticationFailed):

@@ -71,6 +71,13 @@ CASES: dict[str, Case] = {
         lambda r: r.body.update(max_tokens=10**6),  # more than the whole token budget
         worked=lambda r: "x-ratelimit-remaining-tokens" in r.response_headers,
     ),
+    "route": Case(
+        {"rules": [{"model": "tiny", "to": "tiny-fp16"}]},
+        {"x-vgate-precision": "full"},
+        # A typo is an error, not a quiet "auto".
+        lambda r: setattr(r, "headers", Headers(headers={"x-vgate-precision": "fulll"})),
+        worked=lambda r: r.model == "tiny-fp16" and r.outcome.routed == "header",
+    ),
     "truncate": Case(
         {"strategy": "reject"},
         {},
@@ -141,7 +148,9 @@ async def build(
 
         def make(policy: str, model: str | None = "tiny") -> list[Any]:
             policies = {"order": [policy], policy: CASES[policy].settings}
-            services = make_services(client, policies, fake.base_url, fake.max_model_len)
+            services = make_services(
+                client, policies, fake.base_url, fake.max_model_len, ("tiny-fp16",)
+            )
             return build_policies(services.config, model, services)
 
         yield make

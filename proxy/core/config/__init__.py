@@ -105,6 +105,11 @@ def _check_upstreams(cfg: Config, binder: Binder) -> None:
                 engine = url[len(ENGINE_PREFIX) :]
                 if engine not in cfg.engines:
                     binder.problem(key, f"names engine {engine!r}, not configured")
+                if entry.scheduling_policy is not None:
+                    binder.problem(
+                        f"{key}.scheduling_policy",
+                        f"is the engine's own: set engines.{engine}.scheduling_policy",
+                    )
             elif not url.startswith(("http://", "https://")):
                 binder.problem(key, f"must be an http(s) base URL or engine:NAME, got {url!r}")
             elif url.rstrip("/").endswith("/v1"):

@@ -176,6 +176,9 @@ class UpstreamEntry:
     # verify the certificate and host name at all (false: encrypted but unauthenticated).
     ca_file: str | None = None
     verify: bool = True
+    # A URL upstream's engine schedules like this (vgate cannot see it; an engine:NAME
+    # upstream's is its engine's `scheduling_policy`): "priority" sends keys' priorities.
+    scheduling_policy: Literal["fcfs", "priority"] | None = None
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -7,8 +7,10 @@ policies (truncated, clamped) with its top-level fields in sorted order. Only th
 sorted: key order inside a value can change the answer (a chat template writes a tool's JSON
 schema into the prompt as it comes, and structured output follows a schema's property order).
 
-Left out: `model` (the name is keyed on its own) and `priority` (vLLM's scheduling order, not
-the answer). `stream` stays, normalised to a boolean: a stream is kept and replayed as the
+Left out: `model` (the name is keyed on its own), `priority` (vLLM's scheduling order, not
+the answer) and `cache_salt` (which prefix-cache entries the engine may reuse: auth sets one per
+API key, and it never changes the answer; the key's name is in the key anyway unless
+`shared_across_keys`). `stream` stays, normalised to a boolean: a stream is kept and replayed as the
 events the client got, and a whole answer cannot be rendered into another API's events without
 writing each family's event grammar (ids, indexes, typed Messages events), which vgate relays
 and never writes. So a stream is answered only from a kept stream, and `stream_options` stays
@@ -28,7 +30,7 @@ from proxy.core.pipeline import ProxyRequest
 
 HEADER = "x-vgate-cache"
 Mode = Literal["allow", "off"]
-_IGNORED = frozenset({"model", "priority", "stream"})
+_IGNORED = frozenset({"model", "priority", "stream", "cache_salt"})
 
 
 def mode_of(headers: Headers) -> Mode | None:
