@@ -8,11 +8,12 @@ import sys
 import time
 from dataclasses import replace
 
-from engine import launch
+from engine import launch, presets
+from engine.explain import describe
 from engine.store.manifest import StoreError
 from engine.store.pinned import model_path, resolve_model
 from proxy.core.binder import ConfigError
-from proxy.core.config import Config
+from proxy.core.config import Config, EngineConfig
 from proxy.runtime import load
 
 
@@ -52,18 +53,34 @@ def engine_config(args: argparse.Namespace) -> tuple[Config, str]:
     return cfg, args.name
 
 
+def preset_problems(name: str, engine: EngineConfig) -> list[str]:
+    """Why the engine's model cannot honour its preset (engine.presets), as `key: problem`."""
+    try:
+        where = model_path(engine.model, engine.model_store)
+    except StoreError:
+        return []  # a malformed pinned model: check_model names it
+    return presets.model_problems(f"engines.{name}", engine, launch.model_arg(where))
+
+
 def _engine_args(args: argparse.Namespace) -> int:
     cfg, name = engine_config(args)
     engine = cfg.engines[name]
     # A pinned model is shown at its place in the store, unchecked: printing has no effects.
     engine = replace(engine, model=model_path(engine.model, engine.model_store))
-    print(launch.build(name, engine).shell())
+    spec = launch.build(name, engine)
+    for line in describe(name, engine, spec):
+        print(line)
+    print(spec.shell())
     return 0
 
 
 def _engine_run(args: argparse.Namespace) -> int:
     cfg, name = engine_config(args)
     engine = cfg.engines[name]
+    problems = preset_problems(name, engine)
+    if problems:
+        # Exit 2 like a config error: the unit does not restart on it.
+        raise ConfigError(args.config, problems)
     try:
         # Checked before vLLM loads anything: a file that does not match its digest refuses
         # the start (exit 2; the unit does not restart on it).
@@ -74,7 +91,8 @@ def _engine_run(args: argparse.Namespace) -> int:
         print(f"vgate engine {name}: refusing to start: {exc}", file=sys.stderr)
         return 2
     sys.stdout.flush()
-    launch.exec_engine(launch.build(name, replace(engine, model=model)))
+    spec = launch.build(name, replace(engine, model=model))
+    launch.exec_engine(spec)
     return 1  # not reached: exec replaced this process
 
 

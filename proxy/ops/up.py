@@ -58,7 +58,8 @@ def children_for(cfg: Config, config_path: str) -> list[Child]:
             name=f"engine {name}",
             argv=[*cli, "engine", "run", name, "--config", config_path],
             stop_timeout=15.0,
-            health_url=launch.base_url(engine) + "/health",
+            # A headless worker node serves no HTTP (it reports joining its head on stdout).
+            health_url=None if engine.headless else launch.base_url(engine) + "/health",
         )
         for name, engine in cfg.engines.items()
     ]
@@ -282,7 +283,11 @@ def _print_banner(
 
 def _busy_ports(cfg: Config) -> list[str]:
     """Fail in a second instead of after a minute of model loading."""
-    targets = [(f"engine {n} port {e.port}", e.host, e.port) for n, e in cfg.engines.items()]
+    targets = [
+        (f"engine {n} port {e.port}", e.host, e.port)
+        for n, e in cfg.engines.items()
+        if not e.headless
+    ]
     targets.append((f"proxy port {cfg.server.port}", cfg.server.host, cfg.server.port))
     busy = []
     for label, host, port in targets:
