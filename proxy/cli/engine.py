@@ -1,4 +1,8 @@
-"""The engine side of the `vgate` command line: `engine args|run`, `dev build-model`, `up`."""
+"""The engine side of the `vgate` command line: `engine args|run`, `dev build-model`, `up`.
+
+`engine run` execs vLLM in place (the unit's main process is the API server), except on a
+headless worker node, where vgate stays to watch the node's link to its head (proxy.ops.worker).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +18,7 @@ from engine.store.manifest import StoreError
 from engine.store.pinned import model_path, resolve_model
 from proxy.core.binder import ConfigError
 from proxy.core.config import Config, EngineConfig
+from proxy.core.config.distributed import head_address
 from proxy.runtime import load
 
 
@@ -92,8 +97,25 @@ def _engine_run(args: argparse.Namespace) -> int:
         return 2
     sys.stdout.flush()
     spec = launch.build(name, replace(engine, model=model))
+    if engine.headless:
+        return _run_worker(name, engine, spec)
     launch.exec_engine(spec)
     return 1  # not reached: exec replaced this process
+
+
+def _run_worker(name: str, engine: EngineConfig, spec: launch.LaunchSpec) -> int:
+    # Imported here: only worker nodes supervise their engine instead of exec'ing it.
+    from engine.joined import head_ips
+    from proxy.ops.worker import supervise
+
+    head = head_address(engine)
+    assert head is not None  # the config checks (proxy.core.config.distributed) require it
+    peers = head_ips(head)
+    if not peers:
+        # Exit 1, not 2: a name that does not resolve yet may resolve at the next start.
+        print(f"vgate engine {name}: the head {head!r} does not resolve", file=sys.stderr)
+        return 1
+    return supervise(name, spec, head, peers)
 
 
 def _build_model(args: argparse.Namespace) -> int:
