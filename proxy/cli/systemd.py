@@ -82,6 +82,10 @@ def _wait_healthy(args: argparse.Namespace) -> int:
 
     cfg, name = engine_config(args)
     engine = cfg.engines[name]
+    if engine.headless:
+        # A headless worker node serves no HTTP: there is no /health to wait for.
+        print(f"engine {name} is a headless worker node: it has no /health", file=sys.stderr)
+        return 2
     url = launch.base_url(engine) + "/health"
     deadline = time.monotonic() + args.timeout
     if not wait_healthy(url, args.timeout):

@@ -22,7 +22,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-UNITS = ("vgate.target", "vgate-proxy.service", "vgate-engine@.service")
+UNITS = (
+    "vgate.target",
+    "vgate-proxy.service",
+    "vgate-engine@.service",
+    # Worker nodes of an engine that spans machines (headless, no proxy on their machine).
+    "vgate-engine-worker@.service",
+)
 USERS = ("vgate-proxy", "vgate-engine")
 GROUP = "vgate"
 # The state each service owns (StateDirectory= / CacheDirectory= of the units).
@@ -196,7 +202,9 @@ class Installer:
             f"  sudoedit {lay.config}             # the engine's model and python, the port\n"
             f"  {lay.prefix}/bin/vgate check-config {lay.config}\n"
             "  systemctl enable --now vgate.target vgate-proxy.service vgate-engine@main.service\n"
-            "  systemctl status 'vgate*'          # journalctl -u vgate-proxy -f for the logs"
+            "  systemctl status 'vgate*'          # journalctl -u vgate-proxy -f for the logs\n"
+            "  # a worker machine of an engine that spans machines runs only its node:\n"
+            "  # systemctl enable --now vgate-engine-worker@NAME.service"
         )
 
     def uninstall(self, purge: bool = False) -> None:
@@ -204,10 +212,15 @@ class Installer:
         if not lay.staging and os.geteuid() != 0:
             raise InstallError("uninstalling needs root (or --root DIR for a staging tree)")
         unit_dir = lay.at(lay.unit_dir)
-        instances = sorted(p.name for p in unit_dir.glob("*.wants/vgate-engine@*.service"))
+        instances = sorted(p.name for p in unit_dir.glob("*.wants/vgate-engine*@*.service"))
         live = not lay.staging and systemd_running()
         if live and lay.at(f"{lay.unit_dir}/vgate-proxy.service").exists():
-            names = ["vgate.target", "vgate-proxy.service", "vgate-engine@*.service"]
+            names = [
+                "vgate.target",
+                "vgate-proxy.service",
+                "vgate-engine@*.service",
+                "vgate-engine-worker@*.service",
+            ]
             self.run(["systemctl", "stop", *names])
             enabled = ["vgate.target", "vgate-proxy.service", *sorted(set(instances))]
             self.run(["systemctl", "disable", "--quiet", *enabled])

@@ -15,7 +15,6 @@ import contextlib
 import re
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,7 +63,8 @@ def children_for(cfg: Config, config_path: str) -> list[Child]:
             name=f"engine {name}",
             argv=[*cli, "engine", "run", name, "--config", config_path],
             stop_timeout=15.0,
-            health_url=launch.base_url(engine) + "/health",
+            # A headless worker node serves no HTTP (it reports joining its head on stdout).
+            health_url=None if engine.headless else launch.base_url(engine) + "/health",
         )
         for name, engine in cfg.engines.items()
     ]
@@ -98,7 +98,7 @@ async def up(
     warnings and errors)."""
     echo = shown if shown is not None else Echo()
     cfg = load.load(config_path)
-    busy = _busy_ports(cfg)
+    busy = preflight.busy_ports(cfg)
     if busy:
         for what in busy:
             print(f"vgate up: {what} is already in use", file=sys.stderr)
@@ -303,15 +303,3 @@ def _print_banner(
     cfg: Config, base: str, children: list[Child], elapsed: float, out: TextIO
 ) -> None:
     print(banner(cfg, base, elapsed), file=out, flush=True)
-
-
-def _busy_ports(cfg: Config) -> list[str]:
-    """Fail in a second instead of after a minute of model loading."""
-    targets = [(f"engine {n} port {e.port}", e.host, e.port) for n, e in cfg.engines.items()]
-    targets.append((f"proxy port {cfg.server.port}", cfg.server.host, cfg.server.port))
-    busy = []
-    for label, host, port in targets:
-        connect_host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
-        with contextlib.suppress(OSError), socket.create_connection((connect_host, port), 0.5):
-            busy.append(label)
-    return busy

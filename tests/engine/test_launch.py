@@ -264,7 +264,7 @@ def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -
     from proxy.cli.main import main
 
     assert main(["engine", "args", "tiny", "--config", DEV_TOML]) == 0
-    words = shlex.split(capsys.readouterr().out)
+    words = shlex.split(capsys.readouterr().out, comments=True)
     assert words[:2] == ["env", "VLLM_NO_USAGE_STATS=1"]
     cmd = words[words.index("taskset") :]
     assert cmd[:3] == ["taskset", "-c", "0"]
@@ -274,7 +274,7 @@ def test_cli_prints_the_dev_engine_command(capsys: pytest.CaptureFixture[str]) -
     assert cmd[cmd.index("--tool-call-parser") + 1] == "hermes"
     assert "VLLM_ENABLE_RESPONSES_API_STORE=1" in words
     assert main(["engine", "args", "tiny-embed", "--config", DEV_TOML]) == 0
-    words = shlex.split(capsys.readouterr().out)
+    words = shlex.split(capsys.readouterr().out, comments=True)
     assert words[words.index("--runner") + 1 :][:3] == ["pooling", "--convert", "embed"]
     assert words[words.index("--port") + 1] == "8001"
     assert words[words.index("taskset") + 2] == "0"  # off the proxy's core too

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.binder import Binder, ConfigError, check, non_empty
+from proxy.core.config.distributed import check_engines
 from proxy.core.config.engines import EngineConfig
 from proxy.core.config.sections import (
     AdminConfig,
@@ -88,6 +89,7 @@ def parse(data: dict[str, Any], source: str = "<memory>") -> tuple[Config | None
         _check_server(cfg, binder)
         _check_fallbacks(cfg, binder)
         _check_cache(cfg, binder)
+        check_engines(cfg.engines, binder)
     return cfg, binder.problems
 
 
@@ -105,6 +107,10 @@ def _check_upstreams(cfg: Config, binder: Binder) -> None:
                 engine = url[len(ENGINE_PREFIX) :]
                 if engine not in cfg.engines:
                     binder.problem(key, f"names engine {engine!r}, not configured")
+                elif cfg.engines[engine].headless:
+                    binder.problem(
+                        key, f"names engine {engine!r}, a headless worker node (no API server)"
+                    )
                 if entry.scheduling_policy is not None:
                     binder.problem(
                         f"{key}.scheduling_policy",

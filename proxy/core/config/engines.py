@@ -10,7 +10,20 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from proxy.core.binder import Check, check, fraction, non_empty, port_number, positive
+from proxy.core.binder import (
+    Check,
+    check,
+    fraction,
+    non_empty,
+    non_negative,
+    port_number,
+    positive,
+)
+
+# Engine presets from the decision matrix (engine/presets.py holds their flags): "interactive"
+# full precision with prefix caching (time to first token), "batch" FP8 with chunked prefill and
+# big steps (throughput), "edge" AWQ 4-bit with CPU offload and a short context (< 24 GB cards).
+Preset = Literal["interactive", "batch", "edge"]
 
 
 def _optional(fn: Check) -> Check:
@@ -31,15 +44,38 @@ class EngineConfig:
     host: str = "127.0.0.1"
     port: int = check(port_number, 8000)
     build: Literal["cpu", "cuda"] = "cuda"
+    preset: Preset | None = None  # every key set here overrides the preset's value for it
     python: str = "python3"  # the interpreter of the engine's own venv
     max_model_len: int | None = check(_optional(positive), None)
     gpu_memory_utilization: float | None = check(_optional(fraction), None)
     # None leaves vLLM's own default (on in V1 for most models); false turns it off explicitly.
     enable_prefix_caching: bool | None = None
-    quantization: str | None = None  # "fp8", "awq", ... (passed through; vLLM validates)
-    tensor_parallel_size: int = check(positive, 1)
+    # "fp8", "awq", ... (passed through; vLLM validates); "none" passes no --quantization even
+    # where the preset has one (vLLM then reads the checkpoint's own quantization_config).
+    quantization: str | None = check(_optional(non_empty), None)
     kv_cache_bytes: int | None = check(_optional(positive), None)
     swap_space: float | None = None  # GiB; only vLLM versions that still have --swap-space
+    cpu_offload_gb: float | None = check(_optional(non_negative), None)  # weights kept in RAM
+    # Parallelism; vLLM's own multi-node runtime (proxy.core.config.distributed checks them):
+    # nnodes/node_rank/master_* with the "mp" backend, worker nodes `headless` (no API server);
+    # or "ray", whose cluster (`ray start` on every node) places the workers itself.
+    tensor_parallel_size: int | None = check(_optional(positive), None)
+    pipeline_parallel_size: int | None = check(_optional(positive), None)
+    data_parallel_size: int | None = check(_optional(positive), None)
+    data_parallel_size_local: int | None = check(_optional(positive), None)
+    data_parallel_start_rank: int | None = check(_optional(non_negative), None)
+    data_parallel_address: str | None = check(_optional(non_empty), None)
+    data_parallel_rpc_port: int | None = check(_optional(port_number), None)
+    distributed_executor_backend: Literal["mp", "ray", "uni"] | None = None
+    nnodes: int | None = check(_optional(positive), None)
+    node_rank: int | None = check(_optional(non_negative), None)
+    master_addr: str | None = check(_optional(non_empty), None)  # the head (node_rank 0)
+    master_port: int | None = check(_optional(port_number), None)
+    headless: bool = False  # a worker node: engine processes only, no HTTP port
+    node_ip: str | None = check(_optional(non_empty), None)  # VLLM_HOST_IP: this node's address
+    # The interface the nodes reach each other on (GLOO_SOCKET_IFNAME, NCCL_SOCKET_IFNAME):
+    # left alone, gloo binds the address the host name resolves to, often 127.0.0.1.
+    node_interface: str | None = check(_optional(non_empty), None)
     # None: on for the CPU build (compiling costs 25-48 s at every start and is never reused).
     enforce_eager: bool | None = None
     dtype: str | None = None  # None: "float32" on the CPU build, vLLM's "auto" on CUDA
