@@ -17,15 +17,20 @@ ROOT = Path(__file__).resolve().parents[2]
 
 @contextmanager
 def service(
-    args: list[str], port: int, log: Path, within: float = 30.0
+    args: list[str],
+    port: int,
+    log: Path,
+    within: float = 30.0,
+    environ: dict[str, str] | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
     """`args` in a session of its own, running this checkout's code, until `port` listens;
-    stopped with SIGTERM (SIGKILL after 10 s). Output goes to `log`, as it would to journald."""
+    stopped with SIGTERM (SIGKILL after 10 s). Output goes to `log`, as it would to journald;
+    `environ` is added to this process's environment."""
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    env = {**os.environ, **(environ or {}), "PYTHONPATH": os.pathsep.join(path)}
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            args, cwd=ROOT, env=env, stdout=out, stderr=out, start_new_session=True
+            args, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     try:
         deadline = time.monotonic() + within

@@ -23,7 +23,7 @@ import httpx
 
 from proxy.telemetry.merge import parse
 from tests.fakes.harness import proxy_config
-from tests.fakes.processes import ROOT
+from tests.fakes.processes import ROOT, service
 from tests.fakes.vllm import FakeVLLM
 from tests.proxy.helpers import chat, events
 from tests.systemd.test_lifecycle import Manager, write
@@ -93,17 +93,9 @@ def box(
     data = proxy_config(fake.base_url, admin={"enabled": True, "port": admin}, **sections)
     config, log = tmp_path / "vgate.toml", tmp_path / "vgate.log"
     write(config, data)
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)],
-            cwd=ROOT,
-            env={**os.environ, **(env or {})},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    served = Box(proc, port, admin, log)
-    try:
+    command = [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config)]
+    with service(command, port, log, environ=env) as proc:
+        served = Box(proc, port, admin, log)
         deadline = time.monotonic() + 30
         while True:
             assert proc.poll() is None, log.read_text()
@@ -115,14 +107,6 @@ def box(
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.1)
         yield served
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
 
 
 def test_both_workers_serve_and_a_rate_limit_is_one_for_the_box(
