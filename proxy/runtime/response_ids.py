@@ -18,6 +18,7 @@ its store until it restarts).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import re
@@ -29,6 +30,7 @@ from proxy.upstream.model import ModelRoute
 _SUFFIX = re.compile(r"[0-9a-f]{24}")
 
 
+@functools.lru_cache(maxsize=1024)  # labels are the configured upstreams: a few, every answer
 def _tag(label: str) -> str:
     return hashlib.sha256(label.encode()).hexdigest()[:8]
 

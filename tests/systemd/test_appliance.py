@@ -33,6 +33,9 @@ from tests.systemd.sandbox import Sandbox, unavailable
 REPO = Path(__file__).resolve().parents[2]
 ENGINE_SITE = REPO / ".venv-engine/lib/python3.11/site-packages"
 MODEL = REPO / "build/models/tiny"
+# Where the appliance's engine reads it: a checkout under /tmp, /root or /home is hidden from the
+# engine unit (PrivateTmp, ProtectHome), and `vgate engine run` refuses a model it cannot see.
+GUEST_MODEL = "/srv/vgate/models/tiny"
 PROXY, ENGINE = "vgate-proxy.service", "vgate-engine@tiny.service"
 
 REAL_VLLM = os.environ.get("VGATE_SYSTEMD_VLLM") == "1"
@@ -114,7 +117,7 @@ ENGINE_DROPIN = "[Service]\nRestartSec=1s\n"
 
 
 def config(drain: float = DRAIN, extra: str = "") -> str:
-    return CONFIG.format(drain=drain, extra=extra, model=MODEL)
+    return CONFIG.format(drain=drain, extra=extra, model=GUEST_MODEL)
 
 
 def wheelhouse() -> Path:
@@ -234,6 +237,9 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
             for pkg in ("vllm", "vllm/entrypoints", "vllm/entrypoints/openai"):
                 box.write(f"{site}/{pkg}/__init__.py", "")
             box.write(f"{site}/vllm/entrypoints/openai/api_server.py", FAKE_SERVER)
+        box.run(["mkdir", "-p", str(Path(GUEST_MODEL).parent)])
+        box.run(["cp", "-r", str(MODEL), GUEST_MODEL])
+        box.run(["chmod", "-R", "a+rX", "/srv/vgate"])
         box.write("/etc/systemd/system/vgate-proxy.service.d/test.conf", PROXY_DROPIN)
         box.write("/etc/systemd/system/vgate-engine@.service.d/test.conf", ENGINE_DROPIN)
         yield box

@@ -90,6 +90,9 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
             box.write(f"{site}/{pkg}/__init__.py", "")
         box.write(f"{site}/vllm/entrypoints/cli/main.py", FAKE_WORKER)
         box.write("/etc/vgate/vgate.toml", CONFIG)
+        # A model directory the engine can see (`vgate engine run` checks it before vLLM).
+        box.write("/var/lib/vgate-engine/models/big/config.json", "{}")
+        box.run(["chmod", "-R", "a+rX", "/var/lib/vgate-engine/models"])
         # Restart at once (not after 10 s): the test waits out the 15 s grace only.
         box.write(DROPIN, "[Service]\nRestartSec=1s\n")
         box.systemctl("daemon-reload")
