@@ -13,6 +13,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+SECRET_FILE = "secret"  # in the box directory: written by the supervisor, read by each worker
+
 
 @dataclass(frozen=True)
 class Box:
@@ -25,18 +27,14 @@ class Box:
     def parse(cls, value: str) -> Box:
         """From `DIR:INDEX:COUNT` (what the supervisor passes); ValueError if malformed."""
         directory, index, count = value.rsplit(":", 2)
-        box = cls(Path(directory), int(index), int(count), b"")
-        if not 0 <= box.index < box.count:
-            raise ValueError(f"worker index {box.index} not below {box.count}")
-        return cls(box.directory, box.index, box.count, box.secret_file.read_bytes())
+        if not 0 <= int(index) < int(count):
+            raise ValueError(f"worker index {index} not below {count}")
+        path = Path(directory)
+        return cls(path, int(index), int(count), (path / SECRET_FILE).read_bytes())
 
     @property
     def config_file(self) -> Path:
         return self.directory / "config.toml"
-
-    @property
-    def secret_file(self) -> Path:
-        return self.directory / "secret"
 
     @property
     def ratelimit_file(self) -> Path:

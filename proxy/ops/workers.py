@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.core.binder import ConfigError
-from proxy.core.box import Box
+from proxy.core.box import SECRET_FILE, Box
 from proxy.core.config import Config
 from proxy.ops.reload import needs_restart
 from proxy.ops.sdnotify import Notifier
@@ -90,7 +90,7 @@ class Supervisor:
         directory = Path(tempfile.mkdtemp(prefix="vgate-workers-", dir=box_directory()))
         try:
             secret = secrets.token_bytes(32)
-            fd = os.open(directory / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            fd = os.open(directory / SECRET_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as fh:
                 fh.write(secret)
             snapshot(Path(self.path).read_bytes(), directory / "config.toml")

@@ -120,6 +120,27 @@ def config(drain: float = DRAIN, extra: str = "") -> str:
     return CONFIG.format(drain=drain, extra=extra, model=GUEST_MODEL)
 
 
+def install(box: Sandbox, wheels: Path) -> str:
+    """The appliance installed in a booted guest, and an empty engine venv; its site-packages."""
+    # The installer as an operator runs it, as root inside the guest's mount namespace (it
+    # keeps the host's network namespace only so that pip could reach an index).
+    box.run(
+        [
+            str(REPO / ".venv/bin/vgate"),
+            "systemd",
+            "install",
+            "--pip-arg=--no-index",
+            f"--pip-arg=--find-links={wheels}",
+        ],
+        namespaces=("-m", "-u", "-i", "-p"),
+        timeout=300,
+    )
+    # The engine's venv, of the system Python (readable by vgate-engine): over the
+    # repository's vLLM packages (instead of a 2.5 GB install per run), or the fake's shim.
+    box.run(["/usr/bin/python3", "-m", "venv", "--without-pip", "/opt/vgate-engine"])
+    return "/opt/vgate-engine/lib/python3.11/site-packages"
+
+
 def wheelhouse() -> Path:
     """vgate's dependencies as wheels (built once per dependency set): installs run offline."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
@@ -209,23 +230,7 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     box = Sandbox(tmp_path_factory.mktemp("systemd"))
     try:
         box.boot()
-        # The installer as an operator runs it, as root inside the guest's mount namespace (it
-        # keeps the host's network namespace only so that pip could reach an index).
-        box.run(
-            [
-                str(REPO / ".venv/bin/vgate"),
-                "systemd",
-                "install",
-                "--pip-arg=--no-index",
-                f"--pip-arg=--find-links={wheels}",
-            ],
-            namespaces=("-m", "-u", "-i", "-p"),
-            timeout=300,
-        )
-        # The engine's venv, of the system Python (readable by vgate-engine): over the
-        # repository's vLLM packages (instead of a 2.5 GB install per run), or the fake's shim.
-        box.run(["/usr/bin/python3", "-m", "venv", "--without-pip", "/opt/vgate-engine"])
-        site = "/opt/vgate-engine/lib/python3.11/site-packages"
+        site = install(box, wheels)
         if REAL_VLLM:
             box.write(f"{site}/vllm.pth", f"{ENGINE_SITE}\n")
         else:

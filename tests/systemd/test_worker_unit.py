@@ -17,8 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.systemd.sandbox import REPO, Sandbox, unavailable
-from tests.systemd.test_appliance import until, wheelhouse
+from tests.systemd.sandbox import Sandbox, unavailable
+from tests.systemd.test_appliance import install, until, wheelhouse
 
 pytestmark = [
     pytest.mark.systemd,
@@ -73,19 +73,7 @@ def sb(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Sandbox]:
     box = Sandbox(workdir, name=f"vgate-test-worker-{time.time_ns()}")
     try:
         box.boot()
-        box.run(
-            [
-                str(REPO / ".venv/bin/vgate"),
-                "systemd",
-                "install",
-                "--pip-arg=--no-index",
-                f"--pip-arg=--find-links={wheels}",
-            ],
-            namespaces=("-m", "-u", "-i", "-p"),
-            timeout=300,
-        )
-        box.run(["/usr/bin/python3", "-m", "venv", "--without-pip", "/opt/vgate-engine"])
-        site = "/opt/vgate-engine/lib/python3.11/site-packages"
+        site = install(box, wheels)
         for pkg in ("vllm", "vllm/entrypoints", "vllm/entrypoints/cli"):
             box.write(f"{site}/{pkg}/__init__.py", "")
         box.write(f"{site}/vllm/entrypoints/cli/main.py", FAKE_WORKER)
